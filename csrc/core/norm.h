@@ -1,0 +1,101 @@
+// The normalization family of SPEC §1: which scale estimate, and what each backend must
+// collect for it. Every backend reads these descriptions instead of branching on names.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string_view>
+
+#include "inline.h"
+
+namespace lpnorm::core {
+
+enum class NormKind { L2, L1, Linf, TopK, Range, P };
+enum class ConstantMode { Exact, Paper };
+
+// The per-element function phi(d) whose mean the gradient of sigma needs (SPEC §3):
+// dsigma/dx_i = a * phi(d_i) + b + (sparse terms at saved indices).
+enum class PhiKind { None, Identity, Sign, SignedPower };
+
+struct NormSpec {
+  NormKind kind = NormKind::L1;
+  int64_t k = 10;       // topk: how many of the largest |d| per chunk
+  double p = 2.0;       // p: the exponent
+  int64_t chunks = 1;   // ghost batches along the batch dimension (linf, topk, range)
+  ConstantMode constant = ConstantMode::Exact;
+
+  // Dense norms sum a power of |d| in a second pass once the mean is known.
+  bool uses_deviation_sums() const {
+    return kind == NormKind::L2 || kind == NormKind::L1 || kind == NormKind::P;
+  }
+  // Extreme norms keep, per chunk, this many of the largest and of the smallest raw values.
+  int64_t extremes_per_end() const {
+    switch (kind) {
+      case NormKind::TopK: return k;
+      case NormKind::Linf:
+      case NormKind::Range: return 1;
+      default: return 0;
+    }
+  }
+  // Indices per chunk whose gradient gets a sparse term: the top-k set, the arg-max, or
+  // the arg-max and arg-min of the range.
+  int64_t sparse_per_chunk() const {
+    switch (kind) {
+      case NormKind::TopK: return k;
+      case NormKind::Linf: return 1;
+      case NormKind::Range: return 2;
+      default: return 0;
+    }
+  }
+  PhiKind phi() const {
+    switch (kind) {
+      case NormKind::L2: return PhiKind::Identity;
+      case NormKind::L1: return PhiKind::Sign;
+      case NormKind::P: return PhiKind::SignedPower;
+      default: return PhiKind::None;
+    }
+  }
+  // The exponent q of the deviation sum, sum |d|^q.
+  double deviation_power() const {
+    switch (kind) {
+      case NormKind::L2: return 2.0;
+      case NormKind::L1: return 1.0;
+      default: return p;
+    }
+  }
+};
+
+inline std::optional<NormKind> parse_norm_kind(std::string_view name) {
+  if (name == "l2") return NormKind::L2;
+  if (name == "l1") return NormKind::L1;
+  if (name == "linf") return NormKind::Linf;
+  if (name == "topk") return NormKind::TopK;
+  if (name == "range") return NormKind::Range;
+  if (name == "p") return NormKind::P;
+  return std::nullopt;
+}
+
+inline std::optional<ConstantMode> parse_constant_mode(std::string_view name) {
+  if (name == "exact") return ConstantMode::Exact;
+  if (name == "paper") return ConstantMode::Paper;
+  return std::nullopt;
+}
+
+// sign with sign(0) = 0, as autograd of abs; NaN stays NaN.
+template <typename T>
+LPNORM_INLINE T sign_of(T d) {
+  return d > T(0) ? T(1) : (d < T(0) ? T(-1) : d * T(0));
+}
+
+template <typename T>
+LPNORM_INLINE T phi(PhiKind kind, T d, T p) {
+  switch (kind) {
+    case PhiKind::Identity: return d;
+    case PhiKind::Sign: return sign_of(d);
+    case PhiKind::SignedPower: return sign_of(d) * std::pow(std::abs(d), p - T(1));
+    default: return T(0);
+  }
+}
+
+}  // namespace lpnorm::core

@@ -1,0 +1,125 @@
+"""LpBatchNorm1d/2d/3d: the arguments, buffers and state_dict keys of nn.BatchNorm*d, with
+the scale estimate of any norm of the family. In evaluation they are plain batch norm."""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _NormBase
+
+from .. import functional
+
+NORMS = ("l2", "l1", "linf", "topk", "range", "p")
+CHUNKED_NORMS = ("linf", "topk", "range")
+
+
+def check_norm_options(norm: str, k: int, p: float, chunks: int, constant: str) -> None:
+    """Refuses bad options when a module is built, not at its first forward."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {norm!r}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if not (isinstance(p, (int, float)) and math.isfinite(p) and p >= 1):
+        raise ValueError(f"p must be a finite number >= 1 (use norm='linf' for p = inf), got {p!r}")
+    if not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"chunks must be an integer >= 1, got {chunks!r}")
+    if chunks != 1 and norm not in CHUNKED_NORMS:
+        raise ValueError(f"chunks (ghost batches) apply to norm 'linf', 'topk' and 'range' only; got chunks={chunks} with norm {norm!r}")
+    if constant not in ("exact", "paper"):
+        raise ValueError(f"constant must be 'exact' or 'paper'; got {constant!r}")
+
+
+class _LpBatchNorm(_NormBase):
+    """Shared by the 1d/2d/3d modules, which differ only in the input ranks they accept."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        norm: str = "l1",
+        k: int = 10,
+        p: float = 2.0,
+        chunks: int = 1,
+        constant: str = "exact",
+    ) -> None:
+        check_norm_options(norm, k, p, chunks, constant)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.norm = norm
+        self.k = k
+        self.p = float(p)
+        self.chunks = chunks
+        self.constant = constant
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        options = f"norm={self.norm}"
+        if self.norm == "topk":
+            options += f", k={self.k}"
+        if self.norm == "p":
+            options += f", p={self.p}"
+        if self.chunks != 1:
+            options += f", chunks={self.chunks}"
+        if self.constant != "exact":
+            options += f", constant={self.constant}"
+        return super().extra_repr() + ", " + options
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        # momentum=None: a cumulative average over the batches seen, as torch does.
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:
+                    factor = 1.0 / float(self.num_batches_tracked)
+        # Batch statistics in training, and in evaluation when there are no running ones.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        return functional.batch_norm(
+            input,
+            self.running_mean if keep_running else None,
+            self.running_var if keep_running else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+            self.norm,
+            self.k,
+            self.p,
+            self.chunks,
+            self.constant,
+        )
+
+
+class LpBatchNorm1d(_LpBatchNorm):
+    """Lp batch norm over (N, C) or (N, C, L) inputs, like nn.BatchNorm1d."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 2 and input.dim() != 3:
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+
+
+class LpBatchNorm2d(_LpBatchNorm):
+    """Lp batch norm over (N, C, H, W) inputs, like nn.BatchNorm2d."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+class LpBatchNorm3d(_LpBatchNorm):
+    """Lp batch norm over (N, C, D, H, W) inputs, like nn.BatchNorm3d."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(f"expected 5D input (got {input.dim()}D input)")

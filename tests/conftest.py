@@ -1,0 +1,132 @@
+"""Shared helpers of the lpnorm tests: the norms under test, dtypes and their tolerances, layouts."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import reference` from any mode
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    """Every test draws the same numbers, whatever ran before it."""
+    torch.manual_seed(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The norms (SPEC §1), each with the extra arguments that select it
+
+NORMS = [
+    dict(norm="l2"),
+    dict(norm="l1"),
+    dict(norm="linf"),
+    dict(norm="topk", k=3),
+    dict(norm="topk", k=10),
+    dict(norm="range"),
+    dict(norm="p", p=3.0),
+    dict(norm="p", p=1.5),
+    # ghost batches
+    dict(norm="linf", chunks=2),
+    dict(norm="topk", k=2, chunks=2),
+    dict(norm="range", chunks=2),
+    # the multipliers of the authors' code
+    dict(norm="linf", constant="paper"),
+    dict(norm="topk", k=3, constant="paper"),
+    dict(norm="range", chunks=2, constant="paper"),
+]
+
+
+def norm_id(kwargs):
+    """dict(norm="topk", k=3, chunks=2) -> "topk-k3-chunks2"."""
+    return "-".join([kwargs["norm"]] + [f"{key}{value}" for key, value in kwargs.items()
+                                         if key != "norm"])
+
+
+NORM_IDS = [norm_id(n) for n in NORMS]
+
+
+def norms_param():
+    return pytest.mark.parametrize("norm_kwargs", NORMS, ids=NORM_IDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes: (input dtype, weight / bias / running-stat dtype); mixed = half input, float32 params
+
+DTYPES = {
+    "float64": (torch.float64, torch.float64),
+    "float32": (torch.float32, torch.float32),
+    "bfloat16": (torch.bfloat16, torch.bfloat16),
+    "float16": (torch.float16, torch.float16),
+    "bfloat16-mixed": (torch.bfloat16, torch.float32),
+    "float16-mixed": (torch.float16, torch.float32),
+}
+
+
+def tolerance(dtype):
+    """Relative tolerance for a result stored in `dtype`, compared with the float64 reference
+    computed from the same input values. float64 and float32 allow for summation order over a
+    few thousand elements; half formats are dominated by the final rounding (eps / 2), plus slack."""
+    if dtype == torch.float64:
+        return 1e-10
+    if dtype == torch.float32:
+        return 1e-4
+    return 4 * torch.finfo(dtype).eps
+
+
+def assert_close(actual, expected, dtype=None, what=""):
+    """actual (any dtype) against the float64 reference, relative to the reference's magnitude:
+    |actual - expected| <= tol * (|expected| + max|expected|)."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    tol = tolerance(dtype or actual.dtype)
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol,
+                               atol=tol * max(scale, 1e-30), equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts: the same logical tensor with other strides
+
+def channels_last(x):
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def channels_last_3d(x):
+    return x.contiguous(memory_format=torch.channels_last_3d)
+
+
+def sliced(x):
+    """A non-contiguous view with x's values: a slice of a larger tensor (batch step 2,
+    channels 1..C, spatial offset)."""
+    N, C = x.shape[:2]
+    big = torch.zeros((2 * N, C + 2) + tuple(s + 1 for s in x.shape[2:]), dtype=x.dtype)
+    index = (slice(None, None, 2), slice(1, C + 1)) + tuple(slice(1, None) for _ in x.shape[2:])
+    view = big[index]
+    view.copy_(x)
+    assert not view.is_contiguous()
+    return view
+
+
+def transposed(x):
+    """A non-contiguous view with x's values whose channel dim has stride 1 and whose last two
+    dims are swapped in memory."""
+    perm = [0] + list(range(2, x.dim())) + [1]  # N, spatial..., C
+    if x.dim() >= 4:
+        perm[-2], perm[-3] = perm[-3], perm[-2]
+    inverse = [perm.index(i) for i in range(x.dim())]
+    view = x.permute(perm).contiguous().permute(inverse)
+    assert torch.equal(view, x) and not view.is_contiguous()
+    return view
+
+
+def contiguous(x):
+    return x.contiguous()
+
+
+def batch(shape, dtype, step=0):
+    """A batch of Gaussian data, per channel mean and scale differing, shifting with `step`."""
+    C = shape[1]
+    view = (1, C) + (1,) * (len(shape) - 2)
+    scale = torch.linspace(0.5, 3.0, C).view(view) * (1 + 0.25 * step)
+    shift = torch.linspace(-1.0, 2.0, C).view(view) + 0.5 * step
+    return (torch.randn(shape, dtype=torch.float64) * scale + shift).to(dtype)

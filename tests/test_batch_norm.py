@@ -1,0 +1,360 @@
+"""lpnorm.functional.batch_norm against the float64 reference of tests/reference.py.
+
+SPEC §1 (outputs), §2 (running statistics, eval mode), §3 (gradients), §4 (dtypes), §5 (NaN, Inf,
+empty batches). The designs below cover every norm with every dtype (one shape), every norm with
+every rank and layout (float32 and float64), and the affine / running-statistics switches on a few
+norms, rather than the full product.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lpnorm
+import reference
+from conftest import (DTYPES, NORM_IDS, NORMS, assert_close, batch, channels_last,
+                      channels_last_3d, contiguous, norms_param, sliced, transposed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The harness: train a few steps with the library and the reference side by side, then evaluate
+
+def make_params(C, dtype, affine=True, track=True):
+    weight = (torch.rand(C, dtype=torch.float64) + 0.5).to(dtype) if affine else None
+    bias = torch.randn(C, dtype=torch.float64).to(dtype) if affine else None
+    running_mean = torch.randn(C, dtype=torch.float64).to(dtype) if track else None
+    running_var = (torch.rand(C, dtype=torch.float64) + 0.5).to(dtype) if track else None
+    return weight, bias, running_mean, running_var
+
+
+def leaf(t):
+    return None if t is None else t.detach().clone().requires_grad_()
+
+
+def clone(t):
+    return None if t is None else t.clone()
+
+
+def check_against_reference(batches, norm_kwargs, param_dtype, *, affine=True, track=True,
+                            cumulative=False, eps=1e-5):
+    """For each batch, one training step: the output, the gradients of input, weight and bias
+    (for the same random grad_output) and the running statistics must match the reference.
+    Then one eval-mode forward (running statistics if tracked, batch statistics otherwise)."""
+    C = batches[0].shape[1]
+    weight, bias, running_mean, running_var = make_params(C, param_dtype, affine, track)
+    ref_mean, ref_var = clone(running_mean), clone(running_var)
+
+    for step, x in enumerate(batches, start=1):
+        momentum = 1.0 / step if cumulative else 0.1  # cumulative: what momentum=None does
+        x = x.detach().requires_grad_()  # keeps x's strides
+        w, b = leaf(weight), leaf(bias)
+        y = lpnorm.functional.batch_norm(x, running_mean, running_var, w, b, training=True,
+                                         momentum=momentum, eps=eps, **norm_kwargs)
+        grad_output = torch.randn(y.shape, dtype=torch.float64).to(y.dtype)
+        y.backward(grad_output)
+        expected = reference.forward_backward(x, ref_mean, ref_var, weight, bias, grad_output,
+                                              training=True, momentum=momentum, eps=eps,
+                                              **norm_kwargs)
+
+        assert y.dtype == x.dtype
+        assert_close(y, expected[0], what=f"step {step}: output")
+        assert_close(x.grad, expected[1], what=f"step {step}: grad of input")
+        if affine:
+            assert w.grad.dtype == param_dtype and b.grad.dtype == param_dtype
+            assert_close(w.grad, expected[2], what=f"step {step}: grad of weight")
+            assert_close(b.grad, expected[3], what=f"step {step}: grad of bias")
+        if track:
+            assert running_mean.dtype == param_dtype and running_var.dtype == param_dtype
+            assert_close(running_mean, ref_mean, what=f"step {step}: running_mean")
+            assert_close(running_var, ref_var, what=f"step {step}: running_var")
+
+    x = batches[-1]
+    saved = clone(running_mean), clone(running_var)
+    with torch.no_grad():
+        y = lpnorm.functional.batch_norm(x, running_mean, running_var, weight, bias,
+                                         training=False, eps=eps, **norm_kwargs)
+    expected = reference.batch_norm(x, clone(running_mean), clone(running_var), weight, bias,
+                                    training=False, eps=eps, **norm_kwargs)
+    assert_close(y, expected, what="eval output")
+    if track:
+        assert torch.equal(running_mean, saved[0]) and torch.equal(running_var, saved[1]), \
+            "eval mode must leave the running statistics alone"
+
+
+def batches_of(shape, dtype, layout=contiguous, steps=3):
+    return [layout(batch(shape, dtype, step)) for step in range(steps)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference itself: for norm="l2" it is torch's batch norm
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("shape", [(16, 3), (4, 3, 5, 6), (2, 3, 4, 3, 2)])
+def test_reference_l2_is_torch_batch_norm(shape, dtype_name):
+    dtype, param_dtype = DTYPES[dtype_name]
+    weight, bias, running_mean, running_var = make_params(shape[1], param_dtype)
+    ref_mean, ref_var = clone(running_mean), clone(running_var)
+    for step in range(3):
+        x = batch(shape, dtype, step).requires_grad_()
+        w, b = leaf(weight), leaf(bias)
+        y = F.batch_norm(x, running_mean, running_var, w, b, training=True, momentum=0.1)
+        grad_output = torch.randn(shape, dtype=torch.float64).to(dtype)
+        y.backward(grad_output)
+        ry, gx, gw, gb = reference.forward_backward(x, ref_mean, ref_var, weight, bias,
+                                                    grad_output, training=True, momentum=0.1,
+                                                    norm="l2")
+        assert_close(y, ry, what="output")
+        assert_close(x.grad, gx, what="grad of input")
+        assert_close(w.grad, gw, what="grad of weight")
+        assert_close(b.grad, gb, what="grad of bias")
+        assert_close(running_mean, ref_mean, what="running_mean")
+        assert_close(running_var, ref_var, what="running_var")
+    y = F.batch_norm(x.detach(), running_mean, running_var, weight, bias, training=False)
+    ry = reference.batch_norm(x.detach(), running_mean, running_var, weight, bias, norm="l2")
+    assert_close(y, ry, what="eval output")
+
+
+def test_core_constants_match_quadrature():
+    """The reference computes SPEC §1's constants by its own quadrature; the core must agree
+    (both are "exact"; Monte Carlo checks of either live in test_constants.py)."""
+    core = lpnorm._C
+    for m in (2, 3, 10, 60, 160, 2500, 5000):
+        assert core.expected_max_abs(m) == pytest.approx(reference.expected_max_abs(m), rel=1e-9)
+        assert core.expected_range(m) == pytest.approx(reference.expected_range(m), rel=1e-9)
+        assert core.paper_linf_multiplier(m) == pytest.approx(
+            reference.paper_linf_multiplier(m), rel=1e-12)
+        for k in (1, 2, 3, 10):
+            if k <= m:
+                assert core.expected_topk_abs(m, k) == pytest.approx(
+                    reference.expected_topk_abs(m, k), rel=1e-9), (m, k)
+    for p in (1.0, 1.5, 2.0, 3.0, 4.5):
+        assert core.lp_consistency(p) == pytest.approx(reference.lp_consistency(p), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every norm against the reference
+
+@norms_param()
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_every_norm_every_dtype(norm_kwargs, dtype_name):
+    """SPEC §1-§4 on one 4-D shape (m = 160 per channel) in every dtype, half with half or
+    float32 parameters."""
+    dtype, param_dtype = DTYPES[dtype_name]
+    check_against_reference(batches_of((8, 3, 5, 4), dtype), norm_kwargs, param_dtype)
+
+
+LAYOUTS = {  # name: (shape, layout)
+    "2d": ((64, 3), contiguous),
+    "3d": ((6, 3, 7), contiguous),
+    "4d": ((4, 3, 5, 6), contiguous),
+    "4d-channels_last": ((4, 3, 5, 6), channels_last),
+    "5d": ((2, 3, 3, 4, 5), contiguous),
+    "5d-channels_last_3d": ((2, 3, 3, 4, 5), channels_last_3d),
+    "3d-sliced": ((6, 3, 7), sliced),
+    "4d-sliced": ((4, 3, 5, 6), sliced),
+    "2d-transposed": ((64, 3), transposed),
+    "4d-transposed": ((4, 3, 5, 6), transposed),
+}
+
+
+@norms_param()
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_every_norm_every_layout(norm_kwargs, layout, dtype):
+    """Ranks 2..5, channels-last and non-contiguous views: the same numbers as the reference."""
+    shape, make = LAYOUTS[layout]
+    check_against_reference(batches_of(shape, dtype, make), norm_kwargs, dtype)
+
+
+SOME_NORMS = [dict(norm="l1"), dict(norm="topk", k=3), dict(norm="range", chunks=2),
+              dict(norm="p", p=1.5)]
+
+
+@pytest.mark.parametrize("norm_kwargs", SOME_NORMS, ids=lambda n: "-".join(map(str, n.values())))
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("track", [True, False], ids=["running_stats", "no_running_stats"])
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16-mixed"])
+def test_affine_and_running_stats(norm_kwargs, affine, track, dtype_name):
+    """weight / bias and running statistics optional, as in torch; without running statistics
+    the eval-mode call uses batch statistics. A large eps (0.1) shows where eps enters."""
+    dtype, param_dtype = DTYPES[dtype_name]
+    check_against_reference(batches_of((6, 3, 10), dtype), norm_kwargs, param_dtype,
+                            affine=affine, track=track, eps=0.1)
+
+
+@norms_param()
+def test_cumulative_moving_average(norm_kwargs):
+    """momentum = 1 / num_batches_tracked (what momentum=None means): the running statistics are
+    the plain average of the batches' (unbiased) statistics."""
+    check_against_reference(batches_of((6, 3, 10), torch.float64, steps=4), norm_kwargs,
+                            torch.float64, cumulative=True)
+
+
+@norms_param()
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16-mixed"])
+def test_large_channel(norm_kwargs, dtype_name):
+    """m = 5000 elements per channel."""
+    dtype, param_dtype = DTYPES[dtype_name]
+    check_against_reference(batches_of((50, 2, 100), dtype, steps=2), norm_kwargs, param_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Identities within the family (SPEC §1)
+
+def outputs_and_grads(x, norm_kwargs, training=True):
+    """Output and gradients of input, weight, bias for a fixed grad_output, plus running stats."""
+    torch.manual_seed(1)
+    C = x.shape[1]
+    weight, bias, running_mean, running_var = make_params(C, x.dtype)
+    x, w, b = leaf(x), leaf(weight), leaf(bias)
+    y = lpnorm.functional.batch_norm(x, running_mean, running_var, w, b, training=training,
+                                     **norm_kwargs)
+    y.backward(torch.randn(y.shape, dtype=y.dtype))
+    return y.detach(), x.grad, w.grad, b.grad, running_mean, running_var
+
+
+def assert_same_results(x, norm_a, norm_b):
+    for a, b in zip(outputs_and_grads(x, norm_a), outputs_and_grads(x, norm_b)):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+@pytest.mark.parametrize("constant", ["exact", "paper"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_topk_with_k1_is_linf(chunks, constant, dtype):
+    x = batch((8, 3, 5), dtype)
+    assert_same_results(x, dict(norm="topk", k=1, chunks=chunks, constant=constant),
+                        dict(norm="linf", chunks=chunks, constant=constant))
+
+
+@pytest.mark.parametrize("p, norm", [(1.0, "l1"), (2.0, "l2")])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_p1_is_l1_and_p2_is_l2(p, norm, dtype):
+    x = batch((8, 3, 5), dtype)
+    assert_same_results(x, dict(norm="p", p=p), dict(norm=norm))
+
+
+def test_l2_is_torch_batch_norm():
+    x = batch((8, 3, 5), torch.float32)
+    expected = outputs_and_grads(x, dict(norm="l2"))
+    torch.manual_seed(1)
+    weight, bias, running_mean, running_var = make_params(3, x.dtype)
+    x, w, b = leaf(x), leaf(weight), leaf(bias)
+    y = F.batch_norm(x, running_mean, running_var, w, b, training=True)
+    y.backward(torch.randn(y.shape, dtype=y.dtype))
+    for actual, wanted in zip((y, x.grad, w.grad, b.grad, running_mean, running_var), expected):
+        assert_close(actual.detach(), wanted)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ghost batches (chunks): a worked example
+
+def test_chunks_average_the_per_chunk_estimates():
+    """One channel, N = 4: [-1, 1 | -3, 3], mean 0. linf with chunks=2 estimates
+    (1 + 3) / 2 / E_max(2) = 2 / E_max(2); with chunks=1, 3 / E_max(4). range with chunks=2:
+    (2 + 6) / 2 / E_range(2)."""
+    core = lpnorm._C
+    x = torch.tensor([[-1.0], [1.0], [-3.0], [3.0]], dtype=torch.float64)
+    cases = [
+        (dict(norm="linf", chunks=2), 2 / core.expected_max_abs(2)),
+        (dict(norm="linf", chunks=1), 3 / core.expected_max_abs(4)),
+        (dict(norm="topk", k=2, chunks=2), 2 / core.expected_topk_abs(2, 2)),
+        (dict(norm="range", chunks=2), 4 / core.expected_range(2)),
+        (dict(norm="range", chunks=1), 6 / core.expected_range(4)),
+        (dict(norm="linf", chunks=2, constant="paper"), 2 * core.paper_linf_multiplier(2)),
+        (dict(norm="range", chunks=2, constant="paper"), 4 * 0.35 * core.paper_linf_multiplier(2)),
+    ]
+    for norm_kwargs, sigma in cases:
+        y = lpnorm.functional.batch_norm(x, None, None, training=True, eps=1e-5, **norm_kwargs)
+        expected = x / math.sqrt(sigma ** 2 + 1e-5)
+        torch.testing.assert_close(y, expected, rtol=1e-12, atol=0, msg=str(norm_kwargs))
+
+
+def spatial_major(x):
+    """(N, C, L) with the batch dim innermost in memory."""
+    return x.permute(2, 1, 0).contiguous().permute(2, 1, 0)
+
+
+@pytest.mark.parametrize("layout", [contiguous, spatial_major])
+def test_chunks_are_groups_of_samples(layout):
+    """Chunks are groups of whole samples, whatever the memory order: in this (4, 1, 2) input,
+    samples 0-1 hold {0, 1, 2, 3} (range 3) and samples 2-3 hold {10, 14, 12, 13} (range 4).
+    Grouping by spatial position or by alternate elements would give ranges 12 and 13."""
+    x = torch.tensor([[[0.0, 1.0]], [[2.0, 3.0]], [[10.0, 14.0]], [[12.0, 13.0]]],
+                     dtype=torch.float64)
+    y = lpnorm.functional.batch_norm(layout(x), None, None, training=True, eps=1e-5,
+                                     norm="range", chunks=2)
+    sigma = (3.0 + 4.0) / 2 / lpnorm._C.expected_range(4)
+    expected = (x - x.mean()) / math.sqrt(sigma ** 2 + 1e-5)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout of the result
+
+@norms_param()
+@pytest.mark.parametrize("shape, memory_format", [
+    ((4, 3, 5, 6), torch.channels_last), ((2, 3, 3, 4, 5), torch.channels_last_3d)],
+    ids=["channels_last", "channels_last_3d"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_output_keeps_channels_last(norm_kwargs, shape, memory_format, training):
+    x = batch(shape, torch.float32).contiguous(memory_format=memory_format)
+    y = lpnorm.functional.batch_norm(x, torch.zeros(3), torch.ones(3), torch.ones(3),
+                                     torch.zeros(3), training=training, **norm_kwargs)
+    assert y.is_contiguous(memory_format=memory_format)
+
+
+# ---------------------------------------------------------------------------------------------
+# Empty batches follow torch (SPEC §5): an empty output, zero parameter gradients,
+# untouched running statistics, no error
+
+@norms_param()
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4, 4), (4, 3, 0)])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("track", [True, False], ids=["running_stats", "no_running_stats"])
+def test_empty_batch_follows_torch(norm_kwargs, shape, training, track):
+    results = []
+    for fn, kwargs in ((F.batch_norm, {}), (lpnorm.functional.batch_norm, norm_kwargs)):
+        torch.manual_seed(2)
+        weight, bias, running_mean, running_var = make_params(3, torch.float32, track=track)
+        x, w, b = torch.randn(shape, requires_grad=True), leaf(weight), leaf(bias)
+        y = fn(x, running_mean, running_var, w, b, training=training, **kwargs)
+        y.sum().backward()
+        results.append((y, x.grad, w.grad, b.grad, running_mean, running_var))
+    for name, expected, actual in zip(("output", "grad of input", "grad of weight",
+                                       "grad of bias", "running_mean", "running_var"), *results):
+        if expected is None:
+            assert actual is None, name
+        else:
+            assert actual.shape == expected.shape and actual.dtype == expected.dtype, name
+            torch.testing.assert_close(actual, expected, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN and Inf propagate within their channel only (SPEC §5)
+
+@norms_param()
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_input_stays_in_its_channel(norm_kwargs, bad):
+    x = batch((8, 3, 5), torch.float32)
+    x[3, 1, 2] = bad
+    weight, bias, running_mean, running_var = make_params(3, torch.float32)
+    good = [0, 2]
+    ref_mean, ref_var = running_mean[good], running_var[good]  # copies
+    x, w, b = leaf(x), leaf(weight), leaf(bias)
+    y = lpnorm.functional.batch_norm(x, running_mean, running_var, w, b, training=True,
+                                     **norm_kwargs)
+    grad_output = torch.randn(y.shape)
+    y.backward(grad_output)
+    assert y[:, 1].isnan().all(), "the bad channel's output must be NaN"
+
+    ry, gx, gw, gb = reference.forward_backward(x[:, good], ref_mean, ref_var,
+                                                weight[good], bias[good], grad_output[:, good],
+                                                training=True, **norm_kwargs)
+    assert_close(y[:, good], ry, what="output of the other channels")
+    assert_close(x.grad[:, good], gx, what="grad of input, other channels")
+    assert_close(w.grad[good], gw, what="grad of weight, other channels")
+    assert_close(b.grad[good], gb, what="grad of bias, other channels")
+    assert_close(running_mean[good], ref_mean, what="running_mean, other channels")
+    assert_close(running_var[good], ref_var, what="running_var, other channels")
