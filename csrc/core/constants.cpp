@@ -21,7 +21,7 @@ constexpr double kTailMass = 1e-20;     // neglected m * P(|z| > x) beyond the u
 constexpr double kFlatDefect = 1e-18;   // neglected k - E[min(k, N)] below the lower bound (per k)
 constexpr double kTermCutoff = 1e-30;   // binomial terms smaller than this are dropped
 constexpr double kPanelTolerance = 1e-14;  // per unit length, relative to the integrand's size
-constexpr int kMaxRefinement = 24;
+constexpr int kMaxRefinement = 16;
 
 void require(bool ok, const char* what) {
   if (!ok) throw std::invalid_argument(std::string("lpnorm constants: ") + what);
@@ -127,32 +127,75 @@ double tail_bound(double count, double two_sided_factor) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// log C(m, i) without the cancellation of lgamma(m+1) - lgamma(i+1) - lgamma(m-i+1), which
-// loses ~1e-6 relative for m ~ 1e9: Stirling's main part in a stable form plus the small
-// remainders stirling_error(n) = lgamma(n+1) - (n ln n - n + ln(2 pi n)/2).
+// Binomial probabilities in Loader's saddle-point form (the one R's dbinom uses):
+//   ln P(N = i) = stirling_error(m) - stirling_error(i) - stirling_error(m - i)
+//                 + ln(m / (2 pi i (m - i))) / 2 - deviance(i, m q) - deviance(m - i, m (1 - q)).
+// Its parts are small near the mode. The textbook ln C(m, i) + i ln q + (m - i) ln(1 - q) has
+// parts of size i ln(1/q) that cancel: ~1e-11 lost per term at m ~ 1e12, k ~ 1000, and the
+// lgamma form of ln C(m, i) loses ~1e-6 at m ~ 1e9.
 
+// ln Gamma(x) for x > 0. Not std::lgamma: glibc's writes the global `signgam`, a data race when
+// kernels on several threads ask for constants at once.
+double log_gamma(double x) {
+  if (x < 50.0) return std::log(std::tgamma(x));
+  const double inv = 1.0 / x, inv2 = inv * inv;
+  // Stirling: (x - 1/2) ln x - x + ln(2 pi)/2 + 1/(12x) - 1/(360x^3) + 1/(1260x^5) - 1/(1680x^7);
+  // the next term is below 1e-18 at x = 50.
+  return (x - 0.5) * std::log(x) - x + 0.5 * std::log(2.0 * kPi) +
+         inv * (1.0 / 12 - inv2 * (1.0 / 360 - inv2 * (1.0 / 1260 - inv2 / 1680)));
+}
+
+// stirling_error(n) = ln Gamma(n + 1) - (n ln n - n + ln(2 pi n) / 2), n >= 1.
 double stirling_error(double n) {
   if (n < 16.0) {
-    return std::lgamma(n + 1.0) - (n * std::log(n) - n + 0.5 * std::log(2.0 * kPi * n));
+    return log_gamma(n + 1.0) - (n * std::log(n) - n + 0.5 * std::log(2.0 * kPi * n));
   }
   const double inv = 1.0 / n, inv2 = inv * inv;
   // 1/(12n) - 1/(360n^3) + 1/(1260n^5) - 1/(1680n^7) + 1/(1188n^9); next term < 1e-16 at n = 16.
   return inv * (1.0 / 12 - inv2 * (1.0 / 360 - inv2 * (1.0 / 1260 - inv2 * (1.0 / 1680 - inv2 / 1188))));
 }
 
-double log_binomial(int64_t m, int64_t i) {
-  if (i == 0 || i == m) return 0.0;
-  const double n = static_cast<double>(m);
-  const double a = static_cast<double>(std::min(i, m - i));
-  const double b = static_cast<double>(std::max(i, m - i));
-  // n ln n - a ln a - b ln b = a ln(n/a) - b ln(1 - a/n), with a the smaller part.
-  const double main = a * std::log(n / a) - b * std::log1p(-a / n);
-  return main + 0.5 * std::log(n / (2.0 * kPi * a * b)) + stirling_error(n) - stirling_error(a) -
-         stirling_error(b);
+// deviance(x, mu) = x ln(x / mu) + mu - x >= 0 for x > 0. Near x = mu both parts cancel, so there
+// it is summed from ln(x/mu) = 2 atanh(v), v = (x - mu) / (x + mu):
+//   deviance = (x - mu) v + 2x (v^3/3 + v^5/5 + ...).
+double deviance(double x, double mu) {
+  if (!(mu > 0.0)) return kInf;
+  if (std::fabs(x - mu) < 0.1 * (x + mu)) {
+    const double v = (x - mu) / (x + mu), v2 = v * v;
+    double sum = (x - mu) * v;
+    double power = 2.0 * x * v;
+    for (int j = 1; j < 200; ++j) {
+      power *= v2;
+      const double next = sum + power / (2.0 * j + 1.0);
+      if (next == sum) break;
+      sum = next;
+    }
+    return sum;
+  }
+  return x * std::log(x / mu) + mu - x;
 }
 
-// c * log(v) where c may be 0 and v 0 (0 * -inf must be 0, as 0^0 = 1).
-double times_log(double c, double log_v) { return c == 0.0 ? 0.0 : c * log_v; }
+// ln P(N = i) for N ~ Binomial(m, q) as a function of q, for one fixed i.
+struct BinomialLogProbability {
+  int64_t m = 0, i = 0;
+  double constant = 0.0;  // the Stirling and normalizing part, which does not depend on q
+
+  BinomialLogProbability() = default;
+  BinomialLogProbability(int64_t m_, int64_t i_) : m(m_), i(i_) {
+    if (i == 0 || i == m) return;
+    const double md = static_cast<double>(m), id = static_cast<double>(i), rest = static_cast<double>(m - i);
+    constant = stirling_error(md) - stirling_error(id) - stirling_error(rest) +
+               0.5 * std::log(md / (2.0 * kPi * id * rest));
+  }
+
+  // q = P(success), p = 1 - q, both accurate; log_q, log_p their logarithms.
+  double operator()(double q, double p, double log_q, double log_p) const {
+    const double md = static_cast<double>(m);
+    if (i == 0) return md * log_p;
+    if (i == m) return md * log_q;
+    return constant - deviance(static_cast<double>(i), md * q) - deviance(static_cast<double>(m - i), md * p);
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Top-k of m half-normals. With q(x) = P(|z| > x) and N(x) ~ Binomial(m, q(x)) the number of the
@@ -166,12 +209,12 @@ double times_log(double c, double log_v) { return c == 0.0 ? 0.0 : c * log_v; }
 
 struct TopkIntegrand {
   int64_t m, k;
-  double log_binomial_below;  // log C(m, k-1)
-  double log_binomial_above;  // log C(m, k+1), when k < m
+  BinomialLogProbability below;  // ln P(N = k - 1)
+  BinomialLogProbability above;  // ln P(N = k + 1), when k < m
 
-  TopkIntegrand(int64_t m_, int64_t k_)
-      : m(m_), k(k_), log_binomial_below(log_binomial(m_, k_ - 1)),
-        log_binomial_above(k_ < m_ ? log_binomial(m_, k_ + 1) : -kInf) {}
+  TopkIntegrand(int64_t m_, int64_t k_) : m(m_), k(k_), below(m_, k_ - 1) {
+    if (k < m) above = BinomialLogProbability(m, k + 1);
+  }
 
   // E[min(k, N(x))]; *defect = k - that, when it is computed without cancellation, else +inf.
   double evaluate(double x, double* defect) const {
@@ -189,8 +232,7 @@ struct TopkIntegrand {
 
     if (kd <= (md + 1.0) * q) {
       int64_t i = k - 1;
-      double term = std::exp(log_binomial_below + times_log(static_cast<double>(i), log_q) +
-                             times_log(static_cast<double>(m - i), log_p));
+      double term = std::exp(below(q, p, log_q, log_p));
       const double down = p / q;  // P(N = i-1) / P(N = i) = i / (m - i + 1) * (1 - q) / q
       double sum = 0.0;
       while (term > 0.0) {
@@ -206,8 +248,7 @@ struct TopkIntegrand {
     const double mean = md * q;
     if (k == m) return mean;  // min(m, N) = N
     int64_t i = k + 1;
-    double term = std::exp(log_binomial_above + times_log(static_cast<double>(i), log_q) +
-                           times_log(static_cast<double>(m - i), log_p));
+    double term = std::exp(above(q, p, log_q, log_p));
     const double up = q / p;  // P(N = i+1) / P(N = i) = (m - i) / (i + 1) * q / (1 - q)
     double sum = 0.0;
     while (term > 0.0) {
@@ -306,8 +347,8 @@ double expected_range(int64_t n) {
 
 double lp_consistency(double p) {
   require(std::isfinite(p) && p >= 1.0, "lp_consistency: p must be a finite number >= 1");
-  // log E|z|^p = (p/2) ln 2 + lgamma((p+1)/2) - ln(pi)/2; in log space so large p cannot overflow.
-  const double log_moment = 0.5 * p * std::log(2.0) + std::lgamma(0.5 * (p + 1.0)) - 0.5 * std::log(kPi);
+  // ln E|z|^p = (p/2) ln 2 + ln Gamma((p+1)/2) - ln(pi)/2; in log space so large p cannot overflow.
+  const double log_moment = 0.5 * p * std::log(2.0) + log_gamma(0.5 * (p + 1.0)) - 0.5 * std::log(kPi);
   return std::exp(log_moment / p);
 }
 
