@@ -23,8 +23,9 @@ if(LPNORM_CUDA STREQUAL "ON" AND NOT LPNORM_WITH_CUDA)
 endif()
 
 if(LPNORM_WITH_CUDA)
-  # Architectures: LPNORM_CUDA_ARCHITECTURES, else TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX"), else
-  # Turing to Hopper plus PTX for newer GPUs (CUDA 13 no longer compiles for sm_70).
+  # Architectures: LPNORM_CUDA_ARCHITECTURES (a CMake list, "80-real;90-real;90-virtual"),
+  # else TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX" or "8.0 9.0+PTX"), else sm_70 (CUDA < 13) or
+  # sm_75 (CUDA 13, which no longer compiles for Volta) to sm_90, plus PTX for newer GPUs.
   if(NOT LPNORM_CUDA_ARCHITECTURES AND DEFINED ENV{TORCH_CUDA_ARCH_LIST})
     string(REPLACE " " ";" _lpnorm_archs "$ENV{TORCH_CUDA_ARCH_LIST}")
     set(LPNORM_CUDA_ARCHITECTURES "")
@@ -38,11 +39,23 @@ if(LPNORM_WITH_CUDA)
       endif()
     endforeach()
   endif()
-  if(NOT LPNORM_CUDA_ARCHITECTURES)
-    set(LPNORM_CUDA_ARCHITECTURES "75-real;80-real;86-real;89-real;90-real;90-virtual")
+  if(LPNORM_CUDA_ARCHITECTURES)
+    set(CMAKE_CUDA_ARCHITECTURES "${LPNORM_CUDA_ARCHITECTURES}")
   endif()
-  set(CMAKE_CUDA_ARCHITECTURES "${LPNORM_CUDA_ARCHITECTURES}")
   enable_language(CUDA)
+  find_package(CUDAToolkit REQUIRED)
+  # A CUDA torch's find_package(Torch) (torch.cmake, before this file) appends its own
+  # -gencode flags (from TORCH_CUDA_ARCH_LIST, or the GPUs it sees) to CMAKE_CUDA_FLAGS and
+  # turns CMAKE_CUDA_ARCHITECTURES off; drop them so the list chosen here decides alone.
+  string(REGEX REPLACE "-gencode[ =]+arch=[^ ]+" "" CMAKE_CUDA_FLAGS "${CMAKE_CUDA_FLAGS}")
+  if(NOT LPNORM_CUDA_ARCHITECTURES)
+    # Volta (sm_70) to Hopper (sm_90) plus PTX; CUDA 13 dropped Volta, so it starts at sm_75.
+    set(LPNORM_CUDA_ARCHITECTURES "75-real;80-real;86-real;89-real;90-real;90-virtual")
+    if(CMAKE_CUDA_COMPILER_VERSION VERSION_LESS 13)
+      list(PREPEND LPNORM_CUDA_ARCHITECTURES "70-real")
+    endif()
+    set(CMAKE_CUDA_ARCHITECTURES "${LPNORM_CUDA_ARCHITECTURES}")
+  endif()
   message(STATUS "lpnorm: CUDA ON (torch CUDA ${LPNORM_TORCH_CUDA_VERSION}, archs ${CMAKE_CUDA_ARCHITECTURES})")
 else()
   message(STATUS "lpnorm: CUDA OFF (${_lpnorm_cuda_reason})")

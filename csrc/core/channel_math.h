@@ -1,8 +1,14 @@
 // The per-channel step between the statistics pass and the element-wise pass, shared by
 // every backend: from what a pass collected, the channel's mean, sigma, 1/sqrt(sigma^2+eps)
 // and the coefficients of its gradient (SPEC §1-§3). A norm's math lives here and only here.
+//
+// The formulas are inline and LPNORM_HOST_DEVICE, so the CUDA kernels run the very same code
+// on the device (csrc/cuda). What needs the host (the cached numerical integration of the
+// consistency constants) stays out of them: `channel_statistics_with` takes the constants as
+// arguments, `channel_statistics` computes them and calls it.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -18,18 +24,18 @@ struct Candidate {
 
 constexpr int64_t kNoIndex = std::numeric_limits<int64_t>::max();
 
-LPNORM_INLINE void reset_extremes(Candidate* list, int64_t capacity) {
+LPNORM_HOST_DEVICE LPNORM_INLINE void reset_extremes(Candidate* list, int64_t capacity) {
   for (int64_t i = 0; i < capacity; ++i) list[i] = {-std::numeric_limits<double>::infinity(), kNoIndex};
 }
 
-LPNORM_INLINE bool candidate_beats(double value, int64_t index, const Candidate& other) {
+LPNORM_HOST_DEVICE LPNORM_INLINE bool candidate_beats(double value, int64_t index, const Candidate& other) {
   return value > other.value || (value == other.value && index < other.index);
 }
 
 // Keeps the `capacity` largest values offered, largest first. Ties go to the lowest index,
 // so the result does not depend on the order elements are visited in. NaN never enters.
 // (The list of smallest values stores negated values and uses the same function.)
-LPNORM_INLINE void offer_extreme(Candidate* list, int64_t capacity, double value, int64_t index) {
+LPNORM_HOST_DEVICE LPNORM_INLINE void offer_extreme(Candidate* list, int64_t capacity, double value, int64_t index) {
   if (!candidate_beats(value, index, list[capacity - 1])) return;
   int64_t pos = capacity - 1;
   while (pos > 0 && candidate_beats(value, index, list[pos - 1])) {
@@ -39,7 +45,7 @@ LPNORM_INLINE void offer_extreme(Candidate* list, int64_t capacity, double value
   list[pos] = {value, index};
 }
 
-LPNORM_INLINE void merge_extremes(Candidate* into, const Candidate* from, int64_t capacity) {
+LPNORM_HOST_DEVICE LPNORM_INLINE void merge_extremes(Candidate* into, const Candidate* from, int64_t capacity) {
   for (int64_t i = 0; i < capacity && from[i].index != kNoIndex; ++i) {
     offer_extreme(into, capacity, from[i].value, from[i].index);
   }
@@ -65,17 +71,182 @@ struct ChannelStatistics {
   double unbiased_var = 0;   // sigma^2 * m / (m - 1), what running_var averages
 };
 
-inline double channel_mean(const ChannelSums& sums) {
+LPNORM_HOST_DEVICE inline double channel_mean(const ChannelSums& sums) {
   return sums.count > 0 ? sums.sum / static_cast<double>(sums.count) : 0.0;
 }
 
 // The divisor of a chunk's raw statistic (max |d|, mean of the top-k |d|, or max - min) that
-// makes sigma consistent for Gaussian data; `chunk_count` is m / chunks.
+// makes sigma consistent for Gaussian data; `chunk_count` is m / chunks. Host only (cached
+// numerical integration): a backend computes it once per call, it depends on the chunk size only.
 double extreme_divisor(const NormSpec& spec, int64_t chunk_count);
 
-// Computes the channel's statistics. For norms with sparse gradient terms, writes
-// chunks * sparse_per_chunk() entries to sparse_index / sparse_coef (coefficient of
-// dsigma/dx at that index, without the mean term, which goes into b).
+// The host-computed constants channel_statistics_with needs (1 where a norm has none).
+struct ChannelConstants {
+  double extreme_divisor = 1.0;  // extreme_divisor(spec, m / chunks): linf, topk, range
+  double lp_constant = 1.0;      // lp_consistency(p): norm p
+};
+
+// Host only: the constants of `spec` for channels of `count` elements.
+ChannelConstants channel_constants(const NormSpec& spec, int64_t count);
+
+// An element of the pool from which the largest |x - mean| of a chunk are picked.
+struct Deviation {
+  double x;
+  int64_t index;
+  double magnitude;  // |x - mean|; NaN sorts last
+};
+
+// Scratch entries channel_statistics_with needs: the pool of one chunk.
+LPNORM_HOST_DEVICE inline int64_t deviation_scratch_size(const NormSpec& spec) { return 2 * spec.extremes_per_end(); }
+
+namespace detail {
+
+LPNORM_HOST_DEVICE inline double deviation_key(const Deviation& d) {
+  return std::isnan(d.magnitude) ? -1.0 : d.magnitude;
+}
+
+LPNORM_HOST_DEVICE inline bool deviation_before(const Deviation& a, const Deviation& b) {
+  const double ka = deviation_key(a), kb = deviation_key(b);
+  return ka > kb || (ka == kb && a.index < b.index);
+}
+
+// The `picks` largest |x - mean| of one chunk, largest first, into pool[0, returned count).
+// They are among its largest and smallest raw values (KERNEL-NOTES), so the pass kept only
+// those; ties go to the lowest index. `pool` holds 2 * per_end entries.
+LPNORM_HOST_DEVICE inline int64_t pick_largest_deviations(const Candidate* largest, const Candidate* smallest,
+                                                          int64_t per_end, int64_t picks, double mean,
+                                                          Deviation* pool) {
+  int64_t size = 0;
+  auto add = [&](double x, int64_t index) {
+    if (index == kNoIndex) return;
+    for (int64_t i = 0; i < size; ++i) {
+      if (pool[i].index == index) return;  // small chunks: both ends saw the same element
+    }
+    pool[size++] = {x, index, std::abs(x - mean)};
+  };
+  for (int64_t i = 0; i < per_end; ++i) add(largest[i].value, largest[i].index);
+  for (int64_t i = 0; i < per_end; ++i) add(-smallest[i].value, smallest[i].index);
+
+  // Selection of the first `count` in a strict total order (indices are distinct): the same
+  // result as any sort, without one.
+  const int64_t count = picks < size ? picks : size;
+  for (int64_t i = 0; i < count; ++i) {
+    int64_t best = i;
+    for (int64_t j = i + 1; j < size; ++j) {
+      if (deviation_before(pool[j], pool[best])) best = j;
+    }
+    const Deviation chosen = pool[best];
+    pool[best] = pool[i];
+    pool[i] = chosen;
+  }
+  return count;
+}
+
+// linf, topk and range: sigma is the mean over chunks of a raw extreme statistic divided by
+// its expected value for unit Gaussians; the gradient is sparse at the extremes.
+template <typename Coef>
+LPNORM_HOST_DEVICE void extreme_statistics(const NormSpec& spec, const ChannelSums& sums, double divisor,
+                                           ChannelStatistics& stats, int64_t* sparse_index, Coef* sparse_coef,
+                                           Deviation* pool) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const int64_t chunks = spec.chunks;
+  const int64_t per_end = spec.extremes_per_end();
+  const int64_t per_chunk = spec.sparse_per_chunk();
+  const double unit = 1.0 / (static_cast<double>(chunks) * divisor);  // d sigma / d raw
+
+  double sigma_sum = 0;
+  double coef_sum = 0;
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const Candidate* largest = sums.largest + chunk * per_end;
+    const Candidate* smallest = sums.smallest + chunk * per_end;
+    int64_t* index = sparse_index + chunk * per_chunk;
+    Coef* coef = sparse_coef + chunk * per_chunk;
+    double raw;
+    if (spec.kind == NormKind::Range) {
+      // max - min needs no mean; a channel of NaNs has no candidates and gives NaN.
+      const bool found = largest[0].index != kNoIndex && smallest[0].index != kNoIndex;
+      raw = found ? largest[0].value + smallest[0].value : nan;
+      index[0] = found ? largest[0].index : 0;
+      index[1] = found ? smallest[0].index : 0;
+      const double c0 = found ? unit : nan, c1 = found ? -unit : nan;
+      coef[0] = static_cast<Coef>(c0);
+      coef[1] = static_cast<Coef>(c1);
+      coef_sum += c0;
+      coef_sum += c1;
+    } else {
+      const int64_t top = pick_largest_deviations(largest, smallest, per_end, per_chunk, stats.mean, pool);
+      double total = 0;
+      for (int64_t i = 0; i < per_chunk; ++i) {
+        const bool found = i < top;
+        total += found ? pool[i].magnitude : nan;
+        index[i] = found ? pool[i].index : 0;
+        const double c = found ? sign_of(pool[i].x - stats.mean) * unit / static_cast<double>(per_chunk) : nan;
+        coef[i] = static_cast<Coef>(c);
+        coef_sum += c;
+      }
+      raw = total / static_cast<double>(per_chunk);
+    }
+    sigma_sum += raw / divisor;
+  }
+  stats.sigma = sigma_sum / static_cast<double>(chunks);
+  // Every d_i also moves through the mean: -(1/m) * sum of the sparse coefficients.
+  stats.phi_offset = -coef_sum / static_cast<double>(sums.count);
+}
+
+}  // namespace detail
+
+// Computes the channel's statistics from the host-computed `constants`. For norms with
+// sparse gradient terms, writes chunks * sparse_per_chunk() entries to sparse_index /
+// sparse_coef (coefficient of dsigma/dx at that index, without the mean term, which goes
+// into b); `pool` is scratch of deviation_scratch_size(spec) entries.
+template <typename Coef>
+LPNORM_HOST_DEVICE ChannelStatistics channel_statistics_with(const NormSpec& spec, const ChannelSums& sums, double eps,
+                                                             const ChannelConstants& constants, int64_t* sparse_index,
+                                                             Coef* sparse_coef, Deviation* pool) {
+  constexpr double kSqrtHalfPi = 1.2533141373155002512;  // sqrt(pi / 2)
+  ChannelStatistics stats;
+  stats.mean = channel_mean(sums);
+  if (sums.count == 0) {  // empty batch: nothing to normalize, nothing to differentiate
+    const int64_t sparse_count = spec.chunks * spec.sparse_per_chunk();
+    for (int64_t i = 0; i < sparse_count; ++i) {
+      sparse_index[i] = 0;
+      sparse_coef[i] = Coef(0);
+    }
+    stats.invstd = 1.0 / std::sqrt(eps);
+    return stats;
+  }
+  const double m = static_cast<double>(sums.count);
+  switch (spec.kind) {
+    case NormKind::L2:
+      stats.sigma = std::sqrt(sums.deviation_sum / m);
+      stats.phi_scale = stats.sigma > 0 ? 1.0 / (m * stats.sigma) : 0.0;
+      break;
+    case NormKind::L1:
+      stats.sigma = kSqrtHalfPi * sums.deviation_sum / m;
+      stats.phi_scale = kSqrtHalfPi / m;
+      stats.phi_offset = -stats.phi_scale * sums.phi_sum / m;
+      break;
+    case NormKind::P: {
+      const double moment = sums.deviation_sum / m;
+      const double c_p = constants.lp_constant;
+      stats.sigma = std::pow(moment, 1.0 / spec.p) / c_p;
+      // d sigma = sigma / (p * moment) * d moment; zero spread has zero gradient.
+      stats.phi_scale = moment > 0 ? std::pow(moment, 1.0 / spec.p - 1.0) / (m * c_p) : 0.0;
+      stats.phi_offset = -stats.phi_scale * sums.phi_sum / m;
+      break;
+    }
+    default:
+      detail::extreme_statistics(spec, sums, constants.extreme_divisor, stats, sparse_index, sparse_coef, pool);
+  }
+  const double variance = stats.sigma * stats.sigma;
+  stats.invstd = 1.0 / std::sqrt(variance + eps);
+  stats.unbiased_var = sums.count > 1 ? variance * m / (m - 1.0) : variance;
+  return stats;
+}
+
+// Computes the channel's statistics (the constants included). For norms with sparse
+// gradient terms, writes chunks * sparse_per_chunk() entries to sparse_index / sparse_coef
+// (coefficient of dsigma/dx at that index, without the mean term, which goes into b).
 ChannelStatistics channel_statistics(const NormSpec& spec, const ChannelSums& sums, double eps,
                                      int64_t* sparse_index, double* sparse_coef);
 
@@ -89,8 +260,18 @@ struct GradCoefficients {
 
 // From the reductions sum(g) and sum(g * d) of one channel. With batch statistics the mean
 // and sigma depend on x (SPEC §3); with running statistics they are constants.
-GradCoefficients grad_coefficients(bool batch_stats, int64_t count, double weight, double invstd,
-                                   double sigma, double phi_scale, double phi_offset, double sum_g,
-                                   double sum_gd);
+LPNORM_HOST_DEVICE inline GradCoefficients grad_coefficients(bool batch_stats, int64_t count, double weight,
+                                                             double invstd, double sigma, double phi_scale,
+                                                             double phi_offset, double sum_g, double sum_gd) {
+  GradCoefficients coef;
+  coef.scale_g = weight * invstd;
+  if (!batch_stats || count == 0) return coef;
+  // dL/dsigma = -weight * sigma * invstd^3 * sum(g * d)   (SPEC §3)
+  const double dsigma = -weight * sigma * invstd * invstd * invstd * sum_gd;
+  coef.scale_phi = dsigma * phi_scale;
+  coef.offset = -weight * invstd * sum_g / static_cast<double>(count) + dsigma * phi_offset;
+  coef.sparse_scale = dsigma;
+  return coef;
+}
 
 }  // namespace lpnorm::core

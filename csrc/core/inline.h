@@ -8,3 +8,11 @@
 #else
 #define LPNORM_INLINE inline
 #endif
+
+// Functions of the core that the CUDA kernels share with the CPU (the per-channel formulas)
+// are marked LPNORM_HOST_DEVICE: __host__ __device__ under nvcc, nothing for plain C++.
+#if defined(__CUDACC__)
+#define LPNORM_HOST_DEVICE __host__ __device__
+#else
+#define LPNORM_HOST_DEVICE
+#endif

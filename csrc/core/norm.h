@@ -26,11 +26,11 @@ struct NormSpec {
   ConstantMode constant = ConstantMode::Exact;
 
   // Dense norms sum a power of |d| in a second pass once the mean is known.
-  bool uses_deviation_sums() const {
+  LPNORM_HOST_DEVICE bool uses_deviation_sums() const {
     return kind == NormKind::L2 || kind == NormKind::L1 || kind == NormKind::P;
   }
   // Extreme norms keep, per chunk, this many of the largest and of the smallest raw values.
-  int64_t extremes_per_end() const {
+  LPNORM_HOST_DEVICE int64_t extremes_per_end() const {
     switch (kind) {
       case NormKind::TopK: return k;
       case NormKind::Linf:
@@ -40,7 +40,7 @@ struct NormSpec {
   }
   // Indices per chunk whose gradient gets a sparse term: the top-k set, the arg-max, or
   // the arg-max and arg-min of the range.
-  int64_t sparse_per_chunk() const {
+  LPNORM_HOST_DEVICE int64_t sparse_per_chunk() const {
     switch (kind) {
       case NormKind::TopK: return k;
       case NormKind::Linf: return 1;
@@ -48,7 +48,7 @@ struct NormSpec {
       default: return 0;
     }
   }
-  PhiKind phi() const {
+  LPNORM_HOST_DEVICE PhiKind phi() const {
     switch (kind) {
       case NormKind::L2: return PhiKind::Identity;
       case NormKind::L1: return PhiKind::Sign;
@@ -57,7 +57,7 @@ struct NormSpec {
     }
   }
   // The exponent q of the deviation sum, sum |d|^q.
-  double deviation_power() const {
+  LPNORM_HOST_DEVICE double deviation_power() const {
     switch (kind) {
       case NormKind::L2: return 2.0;
       case NormKind::L1: return 1.0;
@@ -84,12 +84,12 @@ inline std::optional<ConstantMode> parse_constant_mode(std::string_view name) {
 
 // sign with sign(0) = 0, as autograd of abs; NaN stays NaN.
 template <typename T>
-LPNORM_INLINE T sign_of(T d) {
+LPNORM_HOST_DEVICE LPNORM_INLINE T sign_of(T d) {
   return d > T(0) ? T(1) : (d < T(0) ? T(-1) : d * T(0));
 }
 
 template <typename T>
-LPNORM_INLINE T phi(PhiKind kind, T d, T p) {
+LPNORM_HOST_DEVICE LPNORM_INLINE T phi(PhiKind kind, T d, T p) {
   switch (kind) {
     case PhiKind::Identity: return d;
     case PhiKind::Sign: return sign_of(d);
