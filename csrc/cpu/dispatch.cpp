@@ -86,4 +86,12 @@ const Kernels& select_isa(const std::string& isa) {
 
 const Kernels& kernels() { return *current().load(std::memory_order_relaxed); }
 
+Walk walk_of(const Layout& l) {
+  // Contiguous spatial runs go channel by channel; otherwise rows of contiguous channels
+  // (channels-last, (N, C)) go row by row; anything else channel by channel, gathering.
+  if (l.S > 1 && l.stride_s == 1) return Walk::ChannelMajor;
+  if (l.stride_c == 1 && l.C > 1) return Walk::ChannelsInnermost;
+  return Walk::ChannelMajor;
+}
+
 }  // namespace lpnorm::cpu

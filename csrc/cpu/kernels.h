@@ -4,10 +4,13 @@
 // Every norm goes through the same passes:
 //   collect_stats       sums and per-chunk extreme values           (one read of x)
 //   collect_deviations  sum |x - mean|^q and sum phi(x - mean)      (dense norms only)
-//   apply_affine        y = x * alpha + beta, alpha and beta per channel
+//   apply_affine        y = (x - mean) * scale + bias, per channel
 //   reduce_grad         sum g and sum g * (x - mean)
 //   apply_grad          dx = a * g + b * phi(x - mean) + c, then the sparse terms
-// Each works on a range of channels, so the caller can split channels across threads.
+// Each works on a Tile: a range of channels times a range of the channel's m elements (flat
+// index n * S + s), so the caller can split channels, rows, or both across threads. The
+// reductions write the tile's own totals (indexed by channel) and the caller combines the
+// tiles of one channel: sums add, extreme lists merge, both exactly and in a fixed order.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +26,12 @@ namespace lpnorm::cpu {
 enum class Dtype { Float64, Float32, Float16, BFloat16 };
 
 using Layout = core::ChannelLayout;
+
+// Channels [c_begin, c_end) times flat elements [row_begin, row_end) of each channel.
+struct Tile {
+  int64_t c_begin, c_end;
+  int64_t row_begin, row_end;
+};
 
 struct StatsArgs {
   Layout layout;
@@ -51,8 +60,9 @@ struct AffineArgs {
   Dtype dtype;
   const void* x;
   void* y;
-  const double* alpha;            // [C]
-  const double* beta;             // [C]
+  const double* mean;             // [C]
+  const double* scale;            // [C], invstd * weight
+  const double* bias;             // [C]
 };
 
 struct GradReduceArgs {
@@ -80,13 +90,19 @@ struct GradApplyArgs {
   int64_t sparse_per_channel;
 };
 
+// How a layout is walked: along each channel's contiguous spatial run (NCHW and anything
+// whose channel elements are evenly strided), or along rows of contiguous channels
+// (channels-last and (N, C) inputs).
+enum class Walk { ChannelMajor, ChannelsInnermost };
+Walk walk_of(const Layout& layout);
+
 struct Kernels {
   const char* isa;
-  void (*collect_stats)(const StatsArgs&, int64_t c_begin, int64_t c_end);
-  void (*collect_deviations)(const DeviationArgs&, int64_t c_begin, int64_t c_end);
-  void (*apply_affine)(const AffineArgs&, int64_t c_begin, int64_t c_end);
-  void (*reduce_grad)(const GradReduceArgs&, int64_t c_begin, int64_t c_end);
-  void (*apply_grad)(const GradApplyArgs&, int64_t c_begin, int64_t c_end);
+  void (*collect_stats)(const StatsArgs&, const Tile&);
+  void (*collect_deviations)(const DeviationArgs&, const Tile&);
+  void (*apply_affine)(const AffineArgs&, const Tile&);
+  void (*reduce_grad)(const GradReduceArgs&, const Tile&);
+  void (*apply_grad)(const GradApplyArgs&, const Tile&);
 };
 
 // The kernels for the best instruction set this CPU supports, or the one named by the

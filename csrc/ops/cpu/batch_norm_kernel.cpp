@@ -1,12 +1,27 @@
-// CPU kernels of the batch-norm operators: the passes of cpu/kernels.h split over channels
-// with at::parallel_for, and the per-channel math of core/channel_math.h in between.
+// CPU kernels of the batch-norm operators: the passes of cpu/kernels.h over tiles split
+// across threads with at::parallel_for, and the per-channel math of core/channel_math.h in
+// between.
+//
+// Two schedules, chosen per call from the shape alone (so results do not depend on the
+// thread count):
+//   fused  one task per channel runs every pass of the channel back to back, so the second
+//          and third reads of its data hit the core's L2 cache (channel-major layouts whose
+//          channel fits in the L2, with enough channels to keep every core busy);
+//   split  each pass runs over all tiles before the next starts; a tile is a channel range
+//          times a row range, channels with few siblings are cut into row parts and
+//          channels-last inputs into row blocks, and the tiles' partial statistics are
+//          combined exactly in a fixed order (sums in double, extreme lists merged).
+// LPNORM_CPU_SCHEDULE=fused|split forces one (tests cover both; benchmarks measure both).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "core/channel_math.h"
@@ -15,6 +30,8 @@
 
 namespace lpnorm::ops {
 namespace {
+
+using cpu::Tile;
 
 cpu::Dtype cpu_dtype(at::ScalarType type) {
   switch (type) {
@@ -25,28 +42,126 @@ cpu::Dtype cpu_dtype(at::ScalarType type) {
   }
 }
 
-// A per-channel tensor as float64 values (or `fallback` everywhere when it is absent).
-std::vector<double> per_channel(const OptionalTensor& tensor, int64_t channels, double fallback) {
-  std::vector<double> values(static_cast<size_t>(channels), fallback);
-  if (tensor.has_value() && tensor->defined()) {
-    const Tensor as_double = tensor->to(at::kDouble).contiguous();
-    std::copy_n(as_double.const_data_ptr<double>(), channels, values.begin());
+// A per-channel tensor (1-d, any stride) as float64 values, or `fallback` when it is absent.
+std::vector<double> per_channel(const OptionalTensor& tensor, int64_t count, double fallback) {
+  std::vector<double> values(static_cast<size_t>(count), fallback);
+  if (!tensor.has_value() || !tensor->defined()) return values;
+  const Tensor& t = *tensor;
+  const int64_t stride = t.dim() == 1 ? t.stride(0) : 1;
+  if (t.dim() == 1 && t.scalar_type() == at::kFloat) {
+    const float* p = t.const_data_ptr<float>();
+    for (int64_t i = 0; i < count; ++i) values[i] = p[i * stride];
+  } else if (t.dim() == 1 && t.scalar_type() == at::kDouble) {
+    const double* p = t.const_data_ptr<double>();
+    for (int64_t i = 0; i < count; ++i) values[i] = p[i * stride];
+  } else {
+    const Tensor as_double = t.to(at::kDouble).contiguous();
+    std::copy_n(as_double.const_data_ptr<double>(), count, values.begin());
   }
   return values;
 }
 
-Tensor to_tensor(const std::vector<double>& values, const Tensor& like) {
-  Tensor out = at::empty({static_cast<int64_t>(values.size())}, like.options().dtype(at::kDouble));
-  std::copy(values.begin(), values.end(), out.mutable_data_ptr<double>());
-  return out;
+// Writes values into a fresh contiguous tensor (float32 or float64).
+void write_values(const Tensor& out, const std::vector<double>& values) {
+  if (out.scalar_type() == at::kDouble) {
+    std::copy(values.begin(), values.end(), out.mutable_data_ptr<double>());
+  } else {
+    float* p = out.mutable_data_ptr<float>();
+    for (size_t i = 0; i < values.size(); ++i) p[i] = static_cast<float>(values[i]);
+  }
 }
 
-// Channels are independent: split them over threads, in grains of about 32k elements.
-template <typename Fn>
-void for_channel_ranges(const core::ChannelLayout& layout, Fn&& fn) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, layout.count()));
-  at::parallel_for(0, layout.C, grain, fn);
+Tensor values_tensor(const std::vector<double>& values, const Tensor& like, at::ScalarType dtype) {
+  const bool direct = dtype == at::kFloat || dtype == at::kDouble;
+  Tensor out = at::empty({static_cast<int64_t>(values.size())}, like.options().dtype(direct ? dtype : at::kDouble));
+  write_values(out, values);
+  return direct ? out : out.to(dtype);
 }
+
+// ---- the schedule --------------------------------------------------------------------------
+
+enum class Forced { None, Fused, Split };
+
+Forced forced_schedule() {
+  const char* value = std::getenv("LPNORM_CPU_SCHEDULE");
+  if (value == nullptr) return Forced::None;
+  if (std::strcmp(value, "fused") == 0) return Forced::Fused;
+  if (std::strcmp(value, "split") == 0) return Forced::Split;
+  return Forced::None;
+}
+
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return reported > 0 ? static_cast<int64_t>(reported) : int64_t{512} << 10;
+  }();
+  return bytes;
+}
+
+constexpr int64_t kMinTasks = 16;          // channel-major: cut channels into row parts below this
+constexpr int64_t kMinPartElements = 16384;
+constexpr int64_t kBlockElements = 65536;  // channels-innermost: elements per row block
+constexpr int64_t kMaxBlocks = 16;  // each block restarts the top-k lists: keep few
+
+struct Plan {
+  bool fused = false;
+  int64_t parts = 1;           // partial buffers: row parts per channel
+  std::vector<Tile> tiles;
+  std::vector<int64_t> part;   // which partial buffer each tile writes
+};
+
+// `streams`: full-size tensors a fused channel reads (x; or grad and x).
+Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64_t streams) {
+  Plan plan;
+  const int64_t m = l.count();
+  const Forced forced = forced_schedule();
+  auto add = [&](int64_t c_begin, int64_t c_end, int64_t part) {
+    plan.tiles.push_back({c_begin, c_end, m * part / plan.parts, m * (part + 1) / plan.parts});
+    plan.part.push_back(part);
+  };
+  if (cpu::walk_of(l) == cpu::Walk::ChannelsInnermost) {
+    plan.parts = std::clamp<int64_t>(l.C * m / kBlockElements, 1, std::min<int64_t>(kMaxBlocks, std::max<int64_t>(m, 1)));
+    for (int64_t p = 0; p < plan.parts; ++p) add(0, l.C, p);
+    return plan;
+  }
+  if (l.C < kMinTasks && forced != Forced::Fused) {
+    plan.parts = std::clamp<int64_t>((kMinTasks + l.C - 1) / l.C, 1, std::max<int64_t>(1, m / kMinPartElements));
+  }
+  if (forced == Forced::Split && plan.parts == 1 && m >= 2) plan.parts = 2;  // tests: exercise the combine
+  // Measured on Zen 4 (1 MiB L2): fusing pays even when grad and x of a channel fill 80% of it.
+  const bool fits = m * element_bytes * streams <= l2_cache_bytes() * 7 / 8;
+  plan.fused = plan.parts == 1 && forced != Forced::Split && (fits || forced == Forced::Fused);
+  for (int64_t c = 0; c < l.C; ++c) {
+    for (int64_t p = 0; p < plan.parts; ++p) add(c, c + 1, p);
+  }
+  return plan;
+}
+
+template <typename Fn>
+void for_each_tile(const Plan& plan, const Fn& fn) {
+  at::parallel_for(0, static_cast<int64_t>(plan.tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) fn(plan.tiles[i], plan.part[i]);
+  });
+}
+
+// Adds the partial sums of parts 1.. into part 0 ([parts][C] buffers), in part order.
+void combine_sums(std::vector<double>& parts, int64_t channels, int64_t count) {
+  for (int64_t p = 1; p < count; ++p) {
+    for (int64_t c = 0; c < channels; ++c) parts[c] += parts[p * channels + c];
+  }
+}
+
+void combine_extremes(std::vector<core::Candidate>& parts, int64_t channels, int64_t count, int64_t lists,
+                      int64_t per_end) {
+  const int64_t stride = channels * lists;
+  for (int64_t p = 1; p < count; ++p) {
+    for (int64_t list = 0; list < stride; list += per_end) {
+      core::merge_extremes(parts.data() + list, parts.data() + p * stride + list, per_end);
+    }
+  }
+}
+
+// ---- forward -------------------------------------------------------------------------------
 
 ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                                      const OptionalTensor& running_mean, const OptionalTensor& running_var,
@@ -56,74 +171,111 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       check_forward(input, weight, bias, running_mean, running_var, training, norm, k, p, chunks, constant);
   const auto [x, layout] = channel_view(input);
   const int64_t channels = layout.C;
+  const int64_t m = layout.count();
   const int64_t cols = sparse_columns(spec, training);
   auto [save_mean, save_invstd, save_coef, sparse_index, sparse_coef] = empty_saved(x, cols);
   const cpu::Kernels& kernels = cpu::kernels();
   const cpu::Dtype dtype = cpu_dtype(x.scalar_type());
+  const void* xp = x.const_data_ptr();
+  Tensor output = at::empty_like(x);
+  void* yp = output.mutable_data_ptr();
 
-  std::vector<double> mean(channels), invstd(channels), coef(channels * 3, 0.0), sparse(channels * cols);
+  const std::vector<double> w = per_channel(weight, channels, 1.0), b = per_channel(bias, channels, 0.0);
+  std::vector<double> mean(channels), invstd(channels), scale(channels), coef(channels * 3, 0.0);
+  std::vector<double> sparse(channels * cols);
+  auto affine = [&](const Tile& t) {
+    kernels.apply_affine({layout, dtype, xp, yp, mean.data(), scale.data(), b.data()}, t);
+  };
+  const Plan plan = make_plan(layout, x.element_size(), 1);
+
   if (training) {
     const int64_t per_end = spec.extremes_per_end();
-    std::vector<double> sum(channels), deviation(channels), phi(channels), unbiased(channels);
-    std::vector<core::Candidate> largest(channels * spec.chunks * per_end), smallest(largest.size());
-    for_channel_ranges(layout, [&](int64_t begin, int64_t end) {
-      kernels.collect_stats({layout, dtype, x.const_data_ptr(), spec.chunks, per_end, sum.data(), largest.data(),
-                             smallest.data()},
-                            begin, end);
-    });
-    for (int64_t c = 0; c < channels; ++c) mean[c] = core::channel_mean({layout.count(), sum[c]});
-    if (spec.uses_deviation_sums()) {
-      for_channel_ranges(layout, [&](int64_t begin, int64_t end) {
-        kernels.collect_deviations({layout, dtype, x.const_data_ptr(), mean.data(), spec.phi(),
-                                    spec.deviation_power(), deviation.data(), phi.data()},
-                                   begin, end);
-      });
-    }
+    const int64_t lists = spec.chunks * per_end;  // candidates per channel and end
+    const bool dense = spec.uses_deviation_sums();
+    const core::ChannelConstants constants = core::channel_constants(spec, m);  // once per call (host integration)
+    std::vector<double> unbiased(channels);
     int64_t* index = sparse_index.mutable_data_ptr<int64_t>();
-    for (int64_t c = 0; c < channels; ++c) {
+    const int64_t buffers = plan.fused ? 1 : plan.parts;
+    std::vector<double> sum(buffers * channels), deviation(buffers * channels), phi(buffers * channels);
+    std::vector<core::Candidate> largest(buffers * channels * lists), smallest(largest.size());
+
+    auto stats_args = [&](int64_t part) -> cpu::StatsArgs {
+      return {layout, dtype, xp, spec.chunks, per_end, sum.data() + part * channels,
+              largest.data() + part * channels * lists, smallest.data() + part * channels * lists};
+    };
+    auto deviation_args = [&](int64_t part) -> cpu::DeviationArgs {
+      return {layout, dtype, xp, mean.data(), spec.phi(), spec.deviation_power(),
+              deviation.data() + part * channels, phi.data() + part * channels};
+    };
+    // Channel c's statistics from the combined sums (part 0 of each buffer); `pool` is
+    // scratch for the top-k pick.
+    auto finish = [&](int64_t c, core::Deviation* pool) {
       core::ChannelSums sums;
-      sums.count = layout.count();
+      sums.count = m;
       sums.sum = sum[c];
       sums.deviation_sum = deviation[c];
       sums.phi_sum = phi[c];
-      sums.largest = largest.data() + c * spec.chunks * per_end;
-      sums.smallest = smallest.data() + c * spec.chunks * per_end;
+      sums.largest = largest.data() + c * lists;
+      sums.smallest = smallest.data() + c * lists;
       const core::ChannelStatistics stats =
-          core::channel_statistics(spec, sums, eps, index + c * cols, sparse.data() + c * cols);
+          core::channel_statistics_with(spec, sums, eps, constants, index + c * cols, sparse.data() + c * cols, pool);
       invstd[c] = stats.invstd;
+      scale[c] = stats.invstd * w[c];
       coef[3 * c] = stats.sigma;
       coef[3 * c + 1] = stats.phi_scale;
       coef[3 * c + 2] = stats.phi_offset;
       unbiased[c] = stats.unbiased_var;
+    };
+
+    if (plan.fused) {
+      at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+        std::vector<core::Deviation> pool(static_cast<size_t>(core::deviation_scratch_size(spec)));
+        for (int64_t c = begin; c < end; ++c) {
+          const Tile t{c, c + 1, 0, m};
+          kernels.collect_stats(stats_args(0), t);
+          mean[c] = m > 0 ? sum[c] / static_cast<double>(m) : 0.0;
+          if (dense) kernels.collect_deviations(deviation_args(0), t);
+          finish(c, pool.data());
+          affine(t);
+        }
+      });
+    } else {
+      for_each_tile(plan, [&](const Tile& t, int64_t part) { kernels.collect_stats(stats_args(part), t); });
+      combine_sums(sum, channels, plan.parts);
+      if (per_end > 0) combine_extremes(largest, channels, plan.parts, lists, per_end);
+      if (per_end > 0) combine_extremes(smallest, channels, plan.parts, lists, per_end);
+      for (int64_t c = 0; c < channels; ++c) mean[c] = m > 0 ? sum[c] / static_cast<double>(m) : 0.0;
+      if (dense) {
+        for_each_tile(plan, [&](const Tile& t, int64_t part) { kernels.collect_deviations(deviation_args(part), t); });
+        combine_sums(deviation, channels, plan.parts);
+        combine_sums(phi, channels, plan.parts);
+      }
+      std::vector<core::Deviation> pool(static_cast<size_t>(core::deviation_scratch_size(spec)));
+      for (int64_t c = 0; c < channels; ++c) finish(c, pool.data());
+      for_each_tile(plan, [&](const Tile& t, int64_t) { affine(t); });
     }
-    if (layout.count() > 0) {  // an empty batch leaves the running statistics alone, as torch
-      update_running_stats(running_mean, running_var, to_tensor(mean, x), to_tensor(unbiased, x), momentum);
+    if (m > 0) {  // an empty batch leaves the running statistics alone, as torch
+      update_running_stats(running_mean, running_var, values_tensor(mean, x, at::kDouble),
+                           values_tensor(unbiased, x, at::kDouble), momentum);
     }
   } else {
     mean = per_channel(running_mean, channels, 0.0);
     const std::vector<double> var = per_channel(running_var, channels, 1.0);
-    for (int64_t c = 0; c < channels; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+    for (int64_t c = 0; c < channels; ++c) {
+      invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+      scale[c] = invstd[c] * w[c];
+    }
+    for_each_tile(plan, [&](const Tile& t, int64_t) { affine(t); });
   }
 
-  // y = (x - mean) * invstd * weight + bias = x * alpha + beta
-  const std::vector<double> w = per_channel(weight, channels, 1.0), b = per_channel(bias, channels, 0.0);
-  std::vector<double> alpha(channels), beta(channels);
-  for (int64_t c = 0; c < channels; ++c) {
-    alpha[c] = invstd[c] * w[c];
-    beta[c] = b[c] - mean[c] * alpha[c];
-  }
-  Tensor output = at::empty_like(x);
-  for_channel_ranges(layout, [&](int64_t begin, int64_t end) {
-    kernels.apply_affine({layout, dtype, x.const_data_ptr(), output.mutable_data_ptr(), alpha.data(), beta.data()},
-                         begin, end);
-  });
-
-  save_mean.copy_(to_tensor(mean, x));
-  save_invstd.copy_(to_tensor(invstd, x));
-  save_coef.copy_(to_tensor(coef, x).view({channels, 3}));
-  sparse_coef.copy_(to_tensor(sparse, x).view({channels, cols}));
+  write_values(save_mean, mean);
+  write_values(save_invstd, invstd);
+  write_values(save_coef, coef);
+  write_values(sparse_coef, sparse);
   return {in_layout_of(output, input), save_mean, save_invstd, save_coef, sparse_index, sparse_coef};
 }
+
+// ---- backward ------------------------------------------------------------------------------
 
 BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, const OptionalTensor& weight,
                                        const Tensor& save_mean, const Tensor& save_invstd, const Tensor& save_coef,
@@ -132,8 +284,10 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
   check_backward(grad_output, input, weight, save_mean, save_invstd, save_coef, sparse_index, sparse_coef);
   const core::NormSpec spec = parse_norm_spec(norm, 1, p, 1, "exact", 1, 0);
   const auto [x, layout] = channel_view(input);
+  // The passes walk grad and x with one set of strides: a copy only when they differ.
   const Tensor grad = match_layout(grad_output.to(x.scalar_type()), x);
   const int64_t channels = layout.C;
+  const int64_t m = layout.count();
   const int64_t cols = training ? sparse_index.size(1) : 0;
   const cpu::Kernels& kernels = cpu::kernels();
   const cpu::Dtype dtype = cpu_dtype(x.scalar_type());
@@ -144,30 +298,51 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
   const std::vector<double> coef = per_channel(save_coef.reshape({-1}), channels * 3, 0.0);
   const std::vector<double> sparse = per_channel(sparse_coef.reshape({-1}), channels * cols, 0.0);
   const Tensor index = sparse_index.contiguous();
+  Tensor grad_input = at::empty_like(x);
 
-  std::vector<double> sum_g(channels), sum_gd(channels);
-  for_channel_ranges(layout, [&](int64_t begin, int64_t end) {
-    kernels.reduce_grad({layout, dtype, grad.const_data_ptr(), x.const_data_ptr(), mean.data(), sum_g.data(),
-                         sum_gd.data()},
-                        begin, end);
-  });
+  const Plan plan = make_plan(layout, x.element_size(), 2);
+  const int64_t buffers = plan.fused ? 1 : plan.parts;
+  std::vector<double> sum_g(buffers * channels), sum_gd(buffers * channels);
   std::vector<core::GradCoefficients> grad_coef(channels);
   std::vector<double> grad_weight(channels);
-  for (int64_t c = 0; c < channels; ++c) {
-    grad_coef[c] = core::grad_coefficients(training, layout.count(), w[c], invstd[c], coef[3 * c], coef[3 * c + 1],
+  auto reduce = [&](const Tile& t, int64_t part) {
+    kernels.reduce_grad({layout, dtype, grad.const_data_ptr(), x.const_data_ptr(), mean.data(),
+                         sum_g.data() + part * channels, sum_gd.data() + part * channels},
+                        t);
+  };
+  auto finish = [&](int64_t c) {
+    grad_coef[c] = core::grad_coefficients(training, m, w[c], invstd[c], coef[3 * c], coef[3 * c + 1],
                                            coef[3 * c + 2], sum_g[c], sum_gd[c]);
     grad_weight[c] = sum_gd[c] * invstd[c];
-  }
-  Tensor grad_input = at::empty_like(x);
-  for_channel_ranges(layout, [&](int64_t begin, int64_t end) {
+  };
+  auto apply = [&](const Tile& t) {
     kernels.apply_grad({layout, dtype, grad.const_data_ptr(), x.const_data_ptr(), grad_input.mutable_data_ptr(),
                         mean.data(), spec.phi(), spec.p, grad_coef.data(), index.const_data_ptr<int64_t>(),
                         sparse.data(), cols},
-                       begin, end);
-  });
+                       t);
+  };
+
+  if (plan.fused) {
+    at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const Tile t{c, c + 1, 0, m};
+        reduce(t, 0);
+        finish(c);
+        apply(t);
+      }
+    });
+  } else {
+    for_each_tile(plan, reduce);
+    combine_sums(sum_g, channels, plan.parts);
+    combine_sums(sum_gd, channels, plan.parts);
+    for (int64_t c = 0; c < channels; ++c) finish(c);
+    for_each_tile(plan, [&](const Tile& t, int64_t) { apply(t); });
+  }
+  sum_g.resize(channels);
   const auto param_dtype = weight.has_value() && weight->defined() ? weight->scalar_type()
                                                                    : stats_dtype(x.scalar_type());
-  return {in_layout_of(grad_input, input), to_tensor(grad_weight, x).to(param_dtype), to_tensor(sum_g, x).to(param_dtype)};
+  return {in_layout_of(grad_input, input), values_tensor(grad_weight, x, param_dtype),
+          values_tensor(sum_g, x, param_dtype)};
 }
 
 }  // namespace

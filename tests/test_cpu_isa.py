@@ -1,0 +1,219 @@
+"""The CPU kernels at every instruction-set build this machine runs (baseline, avx2, avx512), and
+under both schedules of the CPU glue (fused: every pass of a channel while it is in cache;
+split: passes over tiles whose partial statistics are combined), against the float64 reference.
+
+Covers what vector kernels get wrong: lengths that leave vector tails, channels-last and other
+strides, inputs at odd storage offsets, few channels with many elements (a channel split across
+tiles), extremes tied across tiles, sums over ~1e7 float elements. No timings are asserted.
+"""
+import math
+
+import pytest
+import torch
+
+import lpnorm
+import reference
+from conftest import assert_close, batch, channels_last, channels_last_3d, contiguous, sliced
+
+ISAS = list(lpnorm._C.supported_cpu_isas())
+SCHEDULES = ["auto", "fused", "split"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Runs the test with the named kernel build, then restores the one in use before."""
+    before = lpnorm._C.cpu_isa()
+    assert lpnorm._C.set_cpu_isa(request.param) == request.param
+    assert lpnorm._C.cpu_isa() == request.param
+    yield request.param
+    lpnorm._C.set_cpu_isa(before)
+
+
+@pytest.fixture(params=SCHEDULES)
+def schedule(request, monkeypatch):
+    if request.param == "auto":
+        monkeypatch.delenv("LPNORM_CPU_SCHEDULE", raising=False)
+    else:
+        monkeypatch.setenv("LPNORM_CPU_SCHEDULE", request.param)
+    return request.param
+
+
+NORMS = [
+    dict(norm="l2"),
+    dict(norm="l1"),
+    dict(norm="linf"),
+    dict(norm="topk", k=3),
+    dict(norm="range", chunks=2),
+    dict(norm="topk", k=2, chunks=2),
+    dict(norm="p", p=3.0),
+]
+NORM_IDS = ["-".join(str(v) for v in n.values()) for n in NORMS]
+
+
+def misaligned(x):
+    """x's values in a tensor whose data starts one element past an aligned address."""
+    flat = torch.empty(x.numel() + 1, dtype=x.dtype)
+    view = flat[1:].view(x.shape)
+    view.copy_(x)
+    assert view.storage_offset() == 1
+    return view
+
+
+def misaligned_channels_last(x):
+    flat = torch.empty(x.numel() + 3, dtype=x.dtype)
+    perm = (0, 2, 3, 1)
+    view = flat[3:].view(tuple(x.shape[i] for i in perm)).permute(0, 3, 1, 2)
+    view.copy_(x)
+    assert view.is_contiguous(memory_format=torch.channels_last)
+    return view
+
+
+# (shape, layout): odd spatial sizes leave a vector tail in every plane; 37 and 19 channels
+# leave one in every channels-last row; (1030, 3) puts the whole channel in one strided run.
+CASES = [
+    ((6, 5, 7, 9), contiguous),
+    ((6, 5, 7, 9), channels_last),
+    ((4, 19, 3, 5), channels_last),
+    ((4, 6, 3, 4, 5), channels_last_3d),
+    ((34, 37), contiguous),
+    ((1030, 3), lambda x: x.t().contiguous().t()),  # (N, C) with the batch dim contiguous
+    ((6, 5, 7, 9), sliced),
+    ((6, 5, 7, 9), misaligned),
+    ((6, 19, 5, 3), misaligned_channels_last),
+    ((6, 4, 21), contiguous),
+]
+CASE_IDS = ["nchw-tails", "nhwc", "nhwc-19", "ndhwc", "2d-37", "2d-batch-contiguous", "sliced",
+            "misaligned", "misaligned-nhwc", "3d"]
+
+
+def check(x, norm_kwargs, param_dtype=None, steps=2):
+    """Training forward and backward of lpnorm against the reference (output, grads, running
+    stats), then an eval-mode forward."""
+    param_dtype = param_dtype or (x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
+    C = x.shape[1]
+    weight = (torch.rand(C, dtype=torch.float64) + 0.5).to(param_dtype)
+    bias = torch.randn(C, dtype=torch.float64).to(param_dtype)
+    running_mean = torch.zeros(C, dtype=param_dtype)
+    running_var = torch.ones(C, dtype=param_dtype)
+    ref_mean, ref_var = running_mean.clone(), running_var.clone()
+    for _ in range(steps):
+        xi = x.detach().requires_grad_()  # same storage, offset and strides as x
+        w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        y = lpnorm.functional.batch_norm(xi, running_mean, running_var, w, b, training=True, **norm_kwargs)
+        grad = torch.randn(y.shape, dtype=torch.float64).to(y.dtype)
+        y.backward(grad)
+        ry, gx, gw, gb = reference.forward_backward(xi, ref_mean, ref_var, weight, bias, grad, training=True,
+                                                    momentum=0.1, eps=1e-5, **norm_kwargs)
+        assert_close(y, ry, what="output")
+        assert_close(xi.grad, gx, what="grad of input")
+        assert_close(w.grad, gw, dtype=x.dtype, what="grad of weight")
+        assert_close(b.grad, gb, dtype=x.dtype, what="grad of bias")
+        assert_close(running_mean, ref_mean, dtype=x.dtype, what="running_mean")
+        assert_close(running_var, ref_var, dtype=x.dtype, what="running_var")
+    with torch.no_grad():
+        y = lpnorm.functional.batch_norm(x, running_mean, running_var, weight, bias, training=False, **norm_kwargs)
+    assert_close(y, reference.batch_norm(x, running_mean, running_var, weight, bias, norm="l2"), what="eval")
+
+
+@pytest.mark.parametrize("norm_kwargs", NORMS, ids=NORM_IDS)
+@pytest.mark.parametrize("shape,layout", CASES, ids=CASE_IDS)
+def test_layouts_every_isa_and_schedule(isa, schedule, shape, layout, norm_kwargs):
+    x = layout(batch(shape, torch.float32))
+    check(x, norm_kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("norm_kwargs", NORMS, ids=NORM_IDS)
+@pytest.mark.parametrize("shape,layout", [CASES[0], CASES[2], CASES[4]], ids=["nchw", "nhwc", "2d"])
+def test_dtypes_every_isa(isa, shape, layout, dtype, norm_kwargs):
+    check(layout(batch(shape, dtype)), norm_kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_storage_rounds_like_torch(isa, dtype):
+    """Eval mode with mean 0, var 1, eps 0 and weight 2 makes y = 2x + bias exactly in float;
+    rounding it to the half type must match torch's conversion bit for bit (nearest-even,
+    subnormals, overflow to inf, NaN), in the vector bodies and the tails."""
+    x = (torch.randn(8, 3, 11, 17) * 300).to(dtype)
+    special = torch.tensor([0.0, -0.0, 1e-8, -1e-8, 3e-5, 6e-5, 65504.0, 7e4, 1e38, math.inf, -math.inf,
+                            math.nan, 2.0 ** -130, 1.00048828125, 1.00146484375])
+    for c in range(3):
+        x[0, c, 0, :special.numel()] = special.to(dtype)
+        x[7, c, 10, -special.numel():] = special.to(dtype)
+    weight, bias = torch.full((3,), 2.0), torch.tensor([0.0, 0.5, -0.25])
+    y = lpnorm.functional.batch_norm(x, torch.zeros(3), torch.ones(3), weight, bias, training=False, eps=0.0)
+    expected = (x.float() * 2.0 + bias.view(1, 3, 1, 1)).to(dtype)
+    assert torch.equal(y.isnan(), expected.isnan())
+    assert torch.equal(y.nan_to_num(), expected.nan_to_num())
+
+
+def test_few_channels_many_elements_are_split(isa, schedule):
+    """C = 2 and m = 2^17: the auto schedule cuts each channel into row parts; extremes and
+    sums of the parts must combine to the whole channel's."""
+    x = batch((8, 2, 128, 128), torch.float32)
+    for norm_kwargs in (dict(norm="l1"), dict(norm="topk", k=5), dict(norm="range", chunks=4)):
+        check(x, norm_kwargs, steps=1)
+
+
+@pytest.mark.parametrize("layout", [contiguous, channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("norm_kwargs", [dict(norm="linf"), dict(norm="topk", k=4), dict(norm="range", chunks=2),
+                                         dict(norm="topk", k=3, chunks=4)], ids=["linf", "topk", "range", "topk-c4"])
+def test_ties_go_to_the_lowest_index_across_tiles(isa, schedule, layout, norm_kwargs):
+    """Integer-valued data: the max, min and top-k values repeat many times, in many tiles. The
+    gradient lands on the lowest indices, as the reference's stable sort puts it."""
+    x = layout(torch.randint(-4, 5, (32, 3, 40, 40)).float())
+    check(x, norm_kwargs, steps=1)
+
+
+@pytest.mark.parametrize("layout", [contiguous, channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("norm", ["l2", "l1"])
+def test_sums_stay_accurate_for_ten_million_floats(isa, layout, norm):
+    """m = 10^7 float32 values with mean 1000 and spread 1: a float accumulator would lose
+    about 3 digits of the mean and more of sigma; the kernels must stay near float64."""
+    x = layout((torch.randn(40, 2, 500, 500, dtype=torch.float64) + 1000.0).float())
+    running_mean, running_var = torch.zeros(2), torch.ones(2)
+    lpnorm.functional.batch_norm(x, running_mean, running_var, training=True, momentum=1.0, norm=norm)
+    rows = x.double().transpose(0, 1).reshape(2, -1)
+    mu = rows.mean(1)
+    d = rows - mu[:, None]
+    sigma = d.pow(2).mean(1).sqrt() if norm == "l2" else math.sqrt(math.pi / 2) * d.abs().mean(1)
+    m = rows.shape[1]
+    # running stats are float32: allow their rounding (6e-8) and a little more
+    assert ((running_mean.double() - mu).abs() <= 2e-7 * mu.abs()).all(), (running_mean, mu)
+    assert ((running_var.double() - sigma ** 2 * m / (m - 1)).abs() <= 2e-6 * sigma ** 2).all(), (running_var, sigma)
+
+
+def allocated_bytes(fn):
+    """Bytes allocated while fn runs (CPU allocator, every op), from the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+
+
+@pytest.mark.parametrize("norm_kwargs", [dict(norm="l1"), dict(norm="topk", k=10)], ids=["l1", "topk"])
+@pytest.mark.parametrize("layout", [contiguous, channels_last], ids=["nchw", "nhwc"])
+def test_no_full_size_temporaries(layout, norm_kwargs):
+    """Forward allocates its output and per-channel data only; backward its grad_input (and
+    nothing for the saved x). No hidden copy of a channels-last input."""
+    x = layout(batch((16, 8, 32, 32), torch.float32)).requires_grad_()
+    grad = layout(torch.randn(x.shape))
+    weight, bias = torch.ones(8, requires_grad=True), torch.zeros(8, requires_grad=True)
+    rm, rv = torch.zeros(8), torch.ones(8)
+    out = {}
+
+    def forward():
+        out["y"] = lpnorm.functional.batch_norm(x, rm, rv, weight, bias, training=True, **norm_kwargs)
+
+    forward_bytes = allocated_bytes(forward)
+    backward_bytes = allocated_bytes(lambda: out["y"].backward(grad))
+    small = 64 * 1024
+    assert out["y"].is_contiguous(memory_format=torch.channels_last) == (layout is channels_last)
+    # at least the output / grad_input (the measurement works), nothing else full-size
+    assert x.nbytes <= forward_bytes <= x.nbytes + small, forward_bytes / x.nbytes
+    assert x.nbytes <= backward_bytes <= x.nbytes + small, backward_bytes / x.nbytes
+
+
+def test_isa_choice_is_checked():
+    with pytest.raises(Exception, match="not a build this CPU runs"):
+        lpnorm._C.set_cpu_isa("sse9")
+    assert ISAS[0] == "baseline"
