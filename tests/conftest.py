@@ -81,7 +81,8 @@ def assert_close(actual, expected, dtype=None, what=""):
     tol = tolerance(dtype or actual.dtype)
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     torch.testing.assert_close(actual.double(), expected.double(), rtol=tol,
-                               atol=tol * max(scale, 1e-30), equal_nan=True, msg=lambda m: f"{what}: {m}")
+                               atol=tol * max(scale, 1e-30), equal_nan=True,
+                               msg=lambda message: f"{what}: {message}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,13 +109,10 @@ def sliced(x):
 
 
 def transposed(x):
-    """A non-contiguous view with x's values whose channel dim has stride 1 and whose last two
-    dims are swapped in memory."""
-    perm = [0] + list(range(2, x.dim())) + [1]  # N, spatial..., C
-    if x.dim() >= 4:
-        perm[-2], perm[-3] = perm[-3], perm[-2]
-    inverse = [perm.index(i) for i in range(x.dim())]
-    view = x.permute(perm).contiguous().permute(inverse)
+    """A non-contiguous view with x's values, its dims in reverse memory order (the batch dim
+    innermost, stride 1)."""
+    reverse = list(range(x.dim()))[::-1]
+    view = x.permute(reverse).contiguous().permute(reverse)
     assert torch.equal(view, x) and not view.is_contiguous()
     return view
 
@@ -130,3 +128,12 @@ def batch(shape, dtype, step=0):
     scale = torch.linspace(0.5, 3.0, C).view(view) * (1 + 0.25 * step)
     shift = torch.linspace(-1.0, 2.0, C).view(view) + 0.5 * step
     return (torch.randn(shape, dtype=torch.float64) * scale + shift).to(dtype)
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Some tests (the CLI's --threads) change torch's thread count; later tests compare against
+    programs that run with the default, so every test starts from the same count."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import lpnorm
 import reference
-from conftest import (DTYPES, NORM_IDS, NORMS, assert_close, batch, channels_last,
-                      channels_last_3d, contiguous, norms_param, sliced, transposed)
+from conftest import (DTYPES, assert_close, batch, channels_last, channels_last_3d, contiguous,
+                      norms_param, sliced, transposed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,7 +40,7 @@ def check_against_reference(batches, norm_kwargs, param_dtype, *, affine=True, t
                             cumulative=False, eps=1e-5):
     """For each batch, one training step: the output, the gradients of input, weight and bias
     (for the same random grad_output) and the running statistics must match the reference.
-    Then one eval-mode forward (running statistics if tracked, batch statistics otherwise)."""
+    Then, with running statistics, one eval-mode forward."""
     C = batches[0].shape[1]
     weight, bias, running_mean, running_var = make_params(C, param_dtype, affine, track)
     ref_mean, ref_var = clone(running_mean), clone(running_var)
@@ -69,6 +69,8 @@ def check_against_reference(batches, norm_kwargs, param_dtype, *, affine=True, t
             assert_close(running_mean, ref_mean, what=f"step {step}: running_mean")
             assert_close(running_var, ref_var, what=f"step {step}: running_var")
 
+    if not track:
+        return
     x = batches[-1]
     saved = clone(running_mean), clone(running_var)
     with torch.no_grad():
@@ -77,9 +79,8 @@ def check_against_reference(batches, norm_kwargs, param_dtype, *, affine=True, t
     expected = reference.batch_norm(x, clone(running_mean), clone(running_var), weight, bias,
                                     training=False, eps=eps, **norm_kwargs)
     assert_close(y, expected, what="eval output")
-    if track:
-        assert torch.equal(running_mean, saved[0]) and torch.equal(running_var, saved[1]), \
-            "eval mode must leave the running statistics alone"
+    assert torch.equal(running_mean, saved[0]) and torch.equal(running_var, saved[1]), \
+        "eval mode must leave the running statistics alone"
 
 
 def batches_of(shape, dtype, layout=contiguous, steps=3):
@@ -176,11 +177,28 @@ SOME_NORMS = [dict(norm="l1"), dict(norm="topk", k=3), dict(norm="range", chunks
 @pytest.mark.parametrize("track", [True, False], ids=["running_stats", "no_running_stats"])
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16-mixed"])
 def test_affine_and_running_stats(norm_kwargs, affine, track, dtype_name):
-    """weight / bias and running statistics optional, as in torch; without running statistics
-    the eval-mode call uses batch statistics. A large eps (0.1) shows where eps enters."""
+    """weight / bias and running statistics optional, as in torch. A large eps (0.1) shows where
+    eps enters."""
     dtype, param_dtype = DTYPES[dtype_name]
     check_against_reference(batches_of((6, 3, 10), dtype), norm_kwargs, param_dtype,
                             affine=affine, track=track, eps=0.1)
+
+
+@pytest.mark.parametrize("norm_kwargs", SOME_NORMS, ids=lambda n: "-".join(map(str, n.values())))
+def test_eval_without_running_stats_is_refused_like_torch(norm_kwargs):
+    """torch.nn.functional.batch_norm refuses training=False without running statistics (only
+    the modules fall back to batch statistics); the functional keeps torch's contract."""
+    x = batch((6, 3, 10), torch.float32)
+    weight, bias, _, _ = make_params(3, torch.float32)
+    with pytest.raises(RuntimeError, match="running_mean"):
+        torch.nn.functional.batch_norm(x, None, None, weight, bias, training=False)
+    with pytest.raises(ValueError, match="running_mean"):
+        lpnorm.functional.batch_norm(x, None, None, weight, bias, training=False, **norm_kwargs)
+    # With training=True (what the modules pass when they hold no running statistics) the
+    # batch statistics are used.
+    y = lpnorm.functional.batch_norm(x, None, None, weight, bias, training=True, **norm_kwargs)
+    expected = reference.batch_norm(x, None, None, weight, bias, training=True, **norm_kwargs)
+    assert_close(y, expected)
 
 
 @norms_param()
@@ -197,6 +215,24 @@ def test_large_channel(norm_kwargs, dtype_name):
     """m = 5000 elements per channel."""
     dtype, param_dtype = DTYPES[dtype_name]
     check_against_reference(batches_of((50, 2, 100), dtype, steps=2), norm_kwargs, param_dtype)
+
+
+TIE_NORMS = [dict(norm="linf"), dict(norm="topk", k=3), dict(norm="topk", k=2, chunks=2),
+             dict(norm="linf", chunks=2), dict(norm="range"), dict(norm="range", chunks=2),
+             dict(norm="l1")]
+
+
+@pytest.mark.parametrize("norm_kwargs", TIE_NORMS, ids=lambda n: "-".join(map(str, n.values())))
+@pytest.mark.parametrize("layout", [contiguous, channels_last, transposed])
+@pytest.mark.parametrize("dtype_name", ["float64", "float32", "bfloat16"])
+def test_ties_go_to_the_lowest_index(norm_kwargs, layout, dtype_name):
+    """Integer-valued inputs: the largest |d| (and max x, min x) occur many times. The gradient
+    goes to the lowest flat index n * S + s of the channel (of the chunk), whatever the memory
+    order; d = 0 has sign 0 (as autograd's abs)."""
+    dtype, param_dtype = DTYPES[dtype_name]
+    batches = [layout(torch.randint(-4, 5, (4, 3, 5, 6)).to(dtype) * (1 + step))
+               for step in range(2)]
+    check_against_reference(batches, norm_kwargs, param_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,12 +307,7 @@ def test_chunks_average_the_per_chunk_estimates():
         torch.testing.assert_close(y, expected, rtol=1e-12, atol=0, msg=str(norm_kwargs))
 
 
-def spatial_major(x):
-    """(N, C, L) with the batch dim innermost in memory."""
-    return x.permute(2, 1, 0).contiguous().permute(2, 1, 0)
-
-
-@pytest.mark.parametrize("layout", [contiguous, spatial_major])
+@pytest.mark.parametrize("layout", [contiguous, transposed])
 def test_chunks_are_groups_of_samples(layout):
     """Chunks are groups of whole samples, whatever the memory order: in this (4, 1, 2) input,
     samples 0-1 hold {0, 1, 2, 3} (range 3) and samples 2-3 hold {10, 14, 12, 13} (range 4).
@@ -311,8 +342,8 @@ def test_output_keeps_channels_last(norm_kwargs, shape, memory_format, training)
 
 @norms_param()
 @pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4, 4), (4, 3, 0)])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("track", [True, False], ids=["running_stats", "no_running_stats"])
+@pytest.mark.parametrize("training, track", [(True, True), (True, False), (False, True)],
+                         ids=["train", "train-no_running_stats", "eval"])
 def test_empty_batch_follows_torch(norm_kwargs, shape, training, track):
     results = []
     for fn, kwargs in ((F.batch_norm, {}), (lpnorm.functional.batch_norm, norm_kwargs)):

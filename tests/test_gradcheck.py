@@ -98,7 +98,7 @@ def op_args(shape=(4, 3, 5), dtype=torch.float32, training=True, running_stats=T
             constant="exact", momentum=0.1, eps=1e-5):
     """Arguments of torch.ops.lpnorm.batch_norm / batch_norm_forward, in schema order."""
     C = shape[1]
-    x = distinct_input(shape, dtype)
+    x = torch.randn(shape, dtype=dtype)
     if layout is not None:
         x = layout(x)
     weight = torch.rand(C, dtype=dtype) + 0.5 if affine else None
