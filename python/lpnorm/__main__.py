@@ -1,7 +1,8 @@
-"""Command line: python -m lpnorm info (versions and capabilities of this build)."""
+"""Command line: python -m lpnorm info | bench | demo | half."""
 
 import argparse
 import json
+import os
 import platform
 import sys
 
@@ -26,6 +27,9 @@ def info(args: argparse.Namespace) -> int:
         "cuda archs": build["cuda_archs"] or "-",
         "cuda available": torch.cuda.is_available(),
         "ops library": _library.LIBRARY_PATH,
+        "installed as": _library.build_file()["version"],
+        "cmake package": os.path.join(lpnorm.cmake_prefix_path, "lpnorm"),
+        "c++ header": os.path.join(_library.INCLUDE_DIR, "lpnorm", "lpnorm.h"),
         "operators": ", ".join(sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("lpnorm::"))),
     }
     if args.json:
@@ -37,12 +41,30 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_evidence_commands(commands) -> None:
+    """bench, demo and half: each lives in its own module, which adds its arguments and runs it."""
+    import importlib
+
+    def lazy(module):
+        return lambda args: importlib.import_module(f"lpnorm.{module}").main(args)
+
+    for name, module, text in (
+        ("bench", "bench", "time every norm's kernels against torch's batch norm (markdown table, --plot, --json)"),
+        ("demo", "demo", "the paper's claims, small: a conv net on scikit-learn's digits with each norm"),
+        ("half", "half_precision", "float16 statistics of each norm against float64 over input scale and size"),
+    ):
+        sub = commands.add_parser(name, help=text, description=text)
+        importlib.import_module(f"lpnorm.{module}").add_arguments(sub)
+        sub.set_defaults(run=lazy(module))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lpnorm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     info_parser = commands.add_parser("info", help="versions, CPU instruction set, CUDA archs of this build")
     info_parser.add_argument("--json", action="store_true", help="print a JSON object")
     info_parser.set_defaults(run=info)
+    add_evidence_commands(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 
