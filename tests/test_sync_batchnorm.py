@@ -1,0 +1,264 @@
+"""SyncLpBatchNorm (SPEC §6, issue 5): two gloo processes on CPU with uneven batches give
+what one process gives over the concatenated batch, for every norm: outputs, input
+gradients, weight/bias gradients (summed over the processes, as DDP does), running
+statistics and the evaluation output afterwards. Plus convert_sync_batchnorm and the
+single-process fallback.
+
+The two processes run this file as a script (``--worker``), once for all cases, with a
+bounded timeout; the parent compares their saved results with lpnorm.nn.LpBatchNorm2d.
+"""
+import os
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+
+import torch
+
+ROWS = (3, 5)        # uneven batch sizes of rank 0 and rank 1 (8 rows in all)
+CHANNELS = 4
+TIMEOUT_S = 150
+
+# (name, module options, input kind, dtype[, rows of rank 0 and rank 1])
+CASES = [
+    ("l2", dict(norm="l2"), "normal", torch.float64),
+    ("l1", dict(norm="l1"), "normal", torch.float64),
+    ("linf", dict(norm="linf"), "normal", torch.float64),
+    ("topk3", dict(norm="topk", k=3), "normal", torch.float64),
+    ("range", dict(norm="range"), "normal", torch.float64),
+    ("p3", dict(norm="p", p=3.0), "normal", torch.float64),
+    # integer-valued inputs: ties in the extremes, broken toward the lowest global index
+    ("linf_ties", dict(norm="linf"), "ties", torch.float64),
+    ("topk3_ties", dict(norm="topk", k=3), "ties", torch.float64),
+    ("range_ties", dict(norm="range"), "ties", torch.float64),
+    # float32, channels-last, momentum=None (cumulative average), the paper's constant
+    ("l1_f32_cl", dict(norm="l1", momentum=None), "channels_last", torch.float32),
+    ("topk2_paper", dict(norm="topk", k=2, constant="paper"), "normal", torch.float64),
+    # a rank without rows, as nn.SyncBatchNorm allows
+    ("l1_empty_rank", dict(norm="l1"), "normal", torch.float64, (0, 8)),
+    ("topk3_empty_rank", dict(norm="topk", k=3), "normal", torch.float64, (8, 0)),
+]
+
+
+def _rows(case):
+    return case[4] if len(case) > 4 else ROWS
+
+
+def _data(index, kind, dtype):
+    """The full batch (both ranks' rows), its output gradient, weight and bias."""
+    gen = torch.Generator().manual_seed(1234 + index)
+    shape = (sum(ROWS), CHANNELS, 3, 3)
+    if kind == "ties":
+        x = torch.randint(-3, 4, shape, generator=gen).to(dtype)
+    else:
+        x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    if kind == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    w = (torch.rand(CHANNELS, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+    b = torch.randn(CHANNELS, generator=gen, dtype=torch.float64).to(dtype)
+    return x, g, w, b
+
+
+def _run(module, x, g):
+    """One training step and one evaluation forward; what is compared."""
+    x = x.clone().requires_grad_()
+    y = module(x)
+    (y * g).sum().backward()
+    module.eval()
+    with torch.no_grad():
+        y_eval = module(x.detach())
+    return dict(out=y.detach(), grad_input=x.grad, grad_weight=module.weight.grad, grad_bias=module.bias.grad,
+                running_mean=module.running_mean.clone(), running_var=module.running_var.clone(),
+                num_batches_tracked=module.num_batches_tracked.clone(), eval_out=y_eval)
+
+
+def _worker(rank, world, port, out_path):
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    import lpnorm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    results = {}
+    for index, case in enumerate(CASES):
+        name, options, kind, dtype = case[:4]
+        begin = sum(_rows(case)[:rank])
+        rows = slice(begin, begin + _rows(case)[rank])
+        x, g, w, b = _data(index, kind, dtype)
+        if index % 2 == 0:  # built directly
+            module = lpnorm.nn.SyncLpBatchNorm(CHANNELS, dtype=dtype, **options)
+        else:  # converted from an LpBatchNorm2d inside a model
+            model = torch.nn.Sequential(lpnorm.nn.LpBatchNorm2d(CHANNELS, dtype=dtype, **options))
+            module = lpnorm.nn.SyncLpBatchNorm.convert_sync_batchnorm(model)[0]
+            assert type(module) is lpnorm.nn.SyncLpBatchNorm, type(module)
+        with torch.no_grad():
+            module.weight.copy_(w)
+            module.bias.copy_(b)
+        results[name] = _run(module, x[rows], g[rows])
+        if x[rows].shape[0] > 0:  # this rank's rows alone, to show the statistics were not those
+            local = lpnorm.nn.LpBatchNorm2d(CHANNELS, dtype=dtype, **options)
+            with torch.no_grad():
+                results[name]["local_out"] = local(x[rows])
+    torch.save(results, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _close(actual, expected, dtype, what):
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f"{what}: {m}")
+
+
+def test_two_gloo_processes_equal_one_process_over_the_concatenated_batch(tmp_path):
+    import lpnorm
+
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(rank), "2", str(port),
+                               str(tmp_path / f"rank{rank}.pt")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for rank in range(2)]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=TIMEOUT_S)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for rank, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f"rank {rank} failed (rc {proc.returncode}):\n{log}"
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+
+    for index, case in enumerate(CASES):
+        name, options, kind, dtype = case[:4]
+        x, g, w, b = _data(index, kind, dtype)
+        reference = lpnorm.nn.LpBatchNorm2d(CHANNELS, dtype=dtype, **options)
+        with torch.no_grad():
+            reference.weight.copy_(w)
+            reference.bias.copy_(b)
+        expected = _run(reference, x, g)
+        got = [r[name] for r in ranks]
+        for key in ("out", "grad_input", "eval_out"):
+            _close(torch.cat([got[0][key], got[1][key]]), expected[key], dtype, f"{name} {key}")
+        for key in ("grad_weight", "grad_bias"):  # per-rank gradients; DDP sums them
+            _close(got[0][key] + got[1][key], expected[key], dtype, f"{name} {key}")
+        for rank in range(2):  # the statistics were synchronized: not those of the local rows
+            if _rows(case)[rank] > 0:
+                assert not torch.allclose(got[rank]["out"], got[rank]["local_out"]), f"{name}: rank {rank} not synced"
+            for key in ("running_mean", "running_var"):
+                _close(got[rank][key], expected[key], dtype, f"{name} {key} (rank {rank})")
+            assert got[rank]["num_batches_tracked"].item() == 1
+        if kind == "channels_last":
+            assert got[0]["out"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_single_process_falls_back_to_the_local_batch_norm():
+    import lpnorm
+
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    for options in (dict(norm="l1"), dict(norm="topk", k=3), dict(norm="p", p=3.0)):
+        sync = lpnorm.nn.SyncLpBatchNorm(3, dtype=torch.float64, **options)
+        local = lpnorm.nn.LpBatchNorm2d(3, dtype=torch.float64, **options)
+        torch.testing.assert_close(sync(x), local(x))
+        torch.testing.assert_close(sync.running_var, local.running_var)
+        sync.eval()
+        local.eval()
+        torch.testing.assert_close(sync(x), local(x))
+    # any rank >= 2, as nn.SyncBatchNorm
+    assert lpnorm.nn.SyncLpBatchNorm(3)(torch.randn(5, 3)).shape == (5, 3)
+
+
+def test_chunks_are_refused():
+    import pytest
+
+    import lpnorm
+
+    with pytest.raises(ValueError, match="chunks"):
+        lpnorm.nn.SyncLpBatchNorm(3, norm="linf", chunks=2)
+    model = torch.nn.Sequential(lpnorm.nn.LpBatchNorm2d(3, norm="range", chunks=2))
+    with pytest.raises(ValueError, match="chunks"):
+        lpnorm.nn.SyncLpBatchNorm.convert_sync_batchnorm(model)
+
+
+def test_convert_sync_batchnorm_keeps_options_parameters_and_buffers():
+    import lpnorm
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        lpnorm.nn.LpBatchNorm2d(4, eps=1e-3, momentum=0.2, norm="topk", k=3, constant="paper"),
+        torch.nn.Sequential(lpnorm.nn.LpBatchNorm1d(4, norm="p", p=3.0, affine=False)),
+        torch.nn.BatchNorm2d(4),
+    )
+    bn = model[1]
+    bn.running_mean.fill_(0.5)
+    model.eval()
+    converted = lpnorm.nn.SyncLpBatchNorm.convert_sync_batchnorm(model, process_group="group")
+    sync = converted[1]
+    assert type(sync) is lpnorm.nn.SyncLpBatchNorm
+    assert (sync.eps, sync.momentum, sync.norm, sync.k, sync.constant) == (1e-3, 0.2, "topk", 3, "paper")
+    assert sync.weight is bn.weight and sync.bias is bn.bias and sync.running_mean is bn.running_mean
+    assert sync.process_group == "group" and not sync.training
+    inner = converted[2][0]
+    assert type(inner) is lpnorm.nn.SyncLpBatchNorm and inner.p == 3.0 and inner.weight is None
+    assert type(converted[3]) is torch.nn.BatchNorm2d  # torch's batch norm: torch's converter
+    assert set(converted.state_dict()) == set(model.state_dict())
+
+
+def test_stage_operators_have_fake_kernels():
+    import lpnorm  # noqa: F401
+
+    x = torch.empty(4, 3, 5, device="meta")
+    total, value, index = torch.ops.lpnorm.batch_norm_collect(x, "topk", 3, 0)
+    assert total.shape == (3,) and value.shape == (3, 2, 3) and index.dtype == torch.int64
+    mean, invstd, coef, sparse_index, sparse_coef, var = torch.ops.lpnorm.batch_norm_finalize(
+        20, total, total, total, value, index, 1e-5, "topk", 3, 2.0, "exact")
+    assert coef.shape == (3, 3) and sparse_index.shape == (3, 3)
+    assert torch.ops.lpnorm.batch_norm_apply(x, mean, invstd, None, None).shape == x.shape
+
+
+def test_stage_operators_pass_opcheck_and_equal_the_fused_operator():
+    """One process through the stages (index_offset 0) is the fused operator, bit for bit."""
+    import lpnorm
+
+    ops = torch.ops.lpnorm
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    g = torch.randn_like(x)
+    w = torch.rand(3, dtype=torch.float64) + 0.5
+    b = torch.randn(3, dtype=torch.float64)
+    m = 20
+    for norm, k, p in [("l2", 1, 2.0), ("l1", 1, 2.0), ("linf", 1, 2.0), ("topk", 3, 2.0), ("range", 1, 2.0),
+                       ("p", 1, 3.0)]:
+        xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+        y = lpnorm.functional.batch_norm(xr, None, None, wr, br, True, 0.1, 1e-5, norm, k, p)
+        y.backward(g)
+
+        total, value, index = ops.batch_norm_collect(x, norm, k, 0)
+        deviation, phi = ops.batch_norm_deviations(x, total / m, norm, p)
+        finalize_args = (m, total, deviation, phi, value, index, 1e-5, norm, k, p, "exact")
+        mean, invstd, coef, sparse_index, sparse_coef, _ = ops.batch_norm_finalize(*finalize_args)
+        sum_g, sum_gd = ops.batch_norm_reduce_grad(g, x, mean)
+        grad_args = (g, x, w, mean, invstd, coef, sparse_index, sparse_coef, sum_g, sum_gd, m, norm, p, 0)
+        torch.testing.assert_close(ops.batch_norm_apply(x, mean, invstd, w, b), y, rtol=0, atol=0)
+        torch.testing.assert_close(ops.batch_norm_apply_grad(*grad_args), xr.grad, rtol=0, atol=0)
+        torch.testing.assert_close(sum_gd * invstd, wr.grad, rtol=0, atol=0)
+
+        torch.library.opcheck(ops.batch_norm_collect, (x, norm, k, 7))
+        torch.library.opcheck(ops.batch_norm_deviations, (x, total / m, norm, p))
+        torch.library.opcheck(ops.batch_norm_finalize, finalize_args)
+        torch.library.opcheck(ops.batch_norm_apply, (x, mean, invstd, w, b))
+        torch.library.opcheck(ops.batch_norm_reduce_grad, (g, x, mean))
+        torch.library.opcheck(ops.batch_norm_apply_grad, grad_args)
+
+
+if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--worker":
+    _worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
