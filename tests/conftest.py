@@ -137,3 +137,16 @@ def restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def distinct_input(shape, dtype=torch.float64):
+    """Gaussian values whose |x - mean| and x differ by > 1e-3 within each channel and stay
+    > 1e-3 away from the mean: the arg-max / top-k set and the signs do not change under
+    gradcheck's perturbations (1e-6)."""
+    while True:
+        x = torch.randn(shape, dtype=dtype)
+        rows = x.transpose(0, 1).reshape(shape[1], -1)
+        d = (rows - rows.mean(dim=1, keepdim=True)).abs()
+        gaps = [v.sort(dim=1).values.diff(dim=1).min() for v in (d, rows)]
+        if min(gaps) > 1e-3 and d.min() > 1e-3:
+            return x

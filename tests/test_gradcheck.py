@@ -4,7 +4,7 @@ import torch
 
 import lpnorm
 import reference
-from conftest import NORMS, channels_last, norm_id
+from conftest import NORMS, channels_last, distinct_input, norm_id
 
 SHAPES = [(4, 3, 5), (6, 2)]
 
@@ -15,19 +15,6 @@ def chunk_size(shape, norm_kwargs):
 
 
 CASES = [(n, s) for n in NORMS for s in SHAPES if n.get("k", 1) <= chunk_size(s, n)]
-
-
-def distinct_input(shape, dtype=torch.float64):
-    """Gaussian values whose |x - mean| and x differ by > 1e-3 within each channel and stay
-    > 1e-3 away from the mean: the arg-max / top-k set and the signs do not change under
-    gradcheck's perturbations (1e-6)."""
-    while True:
-        x = torch.randn(shape, dtype=dtype)
-        rows = x.transpose(0, 1).reshape(shape[1], -1)
-        d = (rows - rows.mean(dim=1, keepdim=True)).abs()
-        gaps = [v.sort(dim=1).values.diff(dim=1).min() for v in (d, rows)]
-        if min(gaps) > 1e-3 and d.min() > 1e-3:
-            return x
 
 
 def inputs(shape, dtype=torch.float64):

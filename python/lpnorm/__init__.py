@@ -11,10 +11,15 @@ from . import _library
 
 _library.load()
 
+# For find_package(lpnorm) in C++ projects, like torch.utils.cmake_prefix_path:
+#   cmake -DCMAKE_PREFIX_PATH="$(python -c 'import lpnorm; print(lpnorm.cmake_prefix_path)')"
+cmake_prefix_path = _library.CMAKE_PREFIX_PATH
+
 from . import _fake  # noqa: E402  (registers fake kernels for the loaded operators)
 from . import functional, nn  # noqa: E402
+from .convert import convert, to_torch  # noqa: E402
 from ._C import build_info  # noqa: E402
 
 __version__ = build_info()["version"]
 
-__all__ = ["functional", "nn", "build_info", "__version__"]
+__all__ = ["functional", "nn", "convert", "to_torch", "build_info", "__version__"]

@@ -1,6 +1,7 @@
 """LpBatchNorm1d/2d/3d: the arguments, buffers and state_dict keys of nn.BatchNorm*d, with
 the scale estimate of any norm of the family. In evaluation they are plain batch norm."""
 
+import inspect
 import math
 from typing import Optional
 
@@ -11,6 +12,8 @@ from torch.nn.modules.batchnorm import _NormBase
 from .. import functional
 
 NORMS = ("l2", "l1", "linf", "topk", "range", "p")
+# nn.BatchNorm*d's keyword-only `bias` (an affine weight without bias) is absent from older torch.
+_TORCH_HAS_BIAS_FLAG = "bias" in inspect.signature(_NormBase.__init__).parameters
 CHUNKED_NORMS = ("linf", "topk", "range")
 
 
@@ -43,6 +46,7 @@ class _LpBatchNorm(_NormBase):
         device=None,
         dtype=None,
         *,
+        bias: bool = True,
         norm: str = "l1",
         k: int = 10,
         p: float = 2.0,
@@ -50,7 +54,12 @@ class _LpBatchNorm(_NormBase):
         constant: str = "exact",
     ) -> None:
         check_norm_options(norm, k, p, chunks, constant)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        factory = dict(device=device, dtype=dtype)
+        if not bias:  # only passed when asked for, so older torch keeps working without it
+            if not _TORCH_HAS_BIAS_FLAG:
+                raise TypeError("bias=False needs a torch whose nn.BatchNorm*d accepts bias=")
+            factory["bias"] = False
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, **factory)
         self.norm = norm
         self.k = k
         self.p = float(p)
@@ -123,3 +132,21 @@ class LpBatchNorm3d(_LpBatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 5:
             raise ValueError(f"expected 5D input (got {input.dim()}D input)")
+
+
+class LpBatchNormNd(_LpBatchNorm):
+    """Lp batch norm over any input with at least 2 dimensions, as nn.SyncBatchNorm accepts.
+
+    What :func:`lpnorm.convert` makes of an ``nn.SyncBatchNorm`` (whose input rank is not
+    fixed), and what :func:`lpnorm.to_torch` turns back into one. It normalizes with the
+    statistics of the local batch only: it is not synchronized across processes.
+    ``process_group`` is only kept for that round trip.
+    """
+
+    def __init__(self, *args, process_group=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
