@@ -54,7 +54,9 @@ def venv(wheel, tmp_path_factory):
     folder = tmp_path_factory.mktemp("venv")
     run([sys.executable, "-m", "venv", "--system-site-packages", folder])
     python = folder / "bin" / "python"
-    run([python, "-m", "pip", "install", "--no-deps", "--no-index", wheel])
+    # --ignore-installed: the same version may already be installed outside the venv (the tree's
+    # `pip install .`), and the venv must get the wheel's own copy.
+    run([python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", wheel])
     return python
 
 
