@@ -81,15 +81,20 @@ class _LpBatchNorm(_NormBase):
             options += f", constant={self.constant}"
         return super().extra_repr() + ", " + options
 
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        # momentum=None: a cumulative average over the batches seen, as torch does.
+    def _running_factor(self) -> float:
+        """Counts a training batch and returns the running-statistics factor: the momentum, or
+        1 / num_batches_tracked for momentum=None (a cumulative average), as torch does."""
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             if self.num_batches_tracked is not None:
                 self.num_batches_tracked.add_(1)
                 if self.momentum is None:
                     factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = self._running_factor()
         # Batch statistics in training, and in evaluation when there are no running ones.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
