@@ -164,19 +164,21 @@ def test_to_torch_gives_the_same_eval_outputs(norm_kwargs):
 
 
 def test_sync_batch_norm_round_trip():
-    """SyncBatchNorm accepts any rank >= 2: it becomes LpBatchNormNd (local statistics), and
-    to_torch gives back a SyncBatchNorm with the same process group."""
+    """SyncBatchNorm becomes SyncLpBatchNorm over the same process group (any rank >= 2; without
+    an initialized process group it normalizes the local batch), and to_torch gives back a
+    SyncBatchNorm with that group."""
     sync = nn.SyncBatchNorm(3, momentum=None, eps=1e-4)
     sync.process_group = marker = object()  # whatever the caller had
-    with pytest.warns(UserWarning, match="not synchronized"):
-        model = lpnorm.convert(nn.Sequential(sync), norm="linf")
+    model = lpnorm.convert(nn.Sequential(sync), norm="linf")
     lp = model[0]
-    assert type(lp) is LpBatchNormNd and lp.process_group is marker and lp.weight is sync.weight
-    assert lp.momentum is None and lp.eps == 1e-4
+    assert type(lp) is lpnorm.nn.SyncLpBatchNorm and lp.process_group is marker and lp.weight is sync.weight
+    assert lp.momentum is None and lp.eps == 1e-4 and lp.norm == "linf"
     for shape in [(8, 3), (4, 3, 5), (2, 3, 4, 4), (2, 3, 2, 2, 2)]:
         assert lp(batch(shape, torch.float32)).shape == shape
     with pytest.raises(ValueError, match="expected at least 2D input"):
         lp(torch.randn(3))
+    with pytest.raises(ValueError, match="chunks"):
+        lpnorm.convert(nn.SyncBatchNorm(3), norm="range", chunks=2)
 
     lpnorm.to_torch(model)
     back = model[0]
@@ -184,9 +186,15 @@ def test_sync_batch_norm_round_trip():
     assert back.running_mean is sync.running_mean and back.momentum is None and back.eps == 1e-4
 
 
+def test_lp_batch_norm_nd_goes_back_to_sync_batch_norm():
+    nd = LpBatchNormNd(3, process_group=None, norm="l1")
+    back = lpnorm.to_torch(nd)
+    assert type(back) is nn.SyncBatchNorm and back.running_var is nd.running_var
+
+
 def test_converted_model_scripts():
-    with pytest.warns(UserWarning, match="not synchronized"):
-        model = lpnorm.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SyncBatchNorm(4)))
+    model = lpnorm.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                                         nn.BatchNorm2d(4)))
     model.eval()
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(torch.jit.script(model)(x), model(x))

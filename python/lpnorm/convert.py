@@ -15,11 +15,10 @@ Semantics, both ways:
   ``track_running_stats``, the train/eval flag and ``qconfig`` are copied. Hooks are not carried over.
 - A module met twice (shared) gets one replacement, still shared.
 - Classes: ``nn.BatchNorm1d/2d/3d`` (and subclasses) <-> ``LpBatchNorm1d/2d/3d``;
-  ``nn.SyncBatchNorm``, whose input rank is not fixed, <-> ``LpBatchNormNd``, which accepts any
-  input of at least 2 dims as SyncBatchNorm does (picking 1d/2d/3d would need the input's rank,
-  which a module does not know, and a wrong guess would break a working model). Its
-  ``process_group`` is recorded, so ``to_torch`` gives back an ``nn.SyncBatchNorm`` with it.
-  ``LpBatchNormNd`` uses local batch statistics only (a warning says so when converting).
+  ``nn.SyncBatchNorm`` <-> ``lpnorm.nn.SyncLpBatchNorm`` (statistics over the same
+  ``process_group``; any input rank >= 2, as SyncBatchNorm; ``chunks`` must be 1 there).
+  ``to_torch`` also turns an ``LpBatchNormNd`` (local statistics, any rank) into an
+  ``nn.SyncBatchNorm`` with its recorded process group.
 - ``convert`` leaves modules that are already Lp batch norms alone, whatever their norm
   (to change the norm: ``convert(to_torch(model), norm=...)``).
 
@@ -29,21 +28,21 @@ In eval mode every Lp batch norm computes plain batch norm from its running stat
 it forgets the norm, and training the result trains torch's L2 batch norm.
 """
 
-import warnings
 from typing import Callable, Dict, Optional, Type
 
 from torch import nn
 from torch.nn.modules.batchnorm import _LazyNormBase
 
+from .nn.sync_batchnorm import SyncLpBatchNorm
 from .nn.batchnorm import (LpBatchNorm1d, LpBatchNorm2d, LpBatchNorm3d, LpBatchNormNd, _LpBatchNorm,
                            check_norm_options)
 
 __all__ = ["convert", "to_torch"]
 
 # torch class -> Lp class, and back. SyncBatchNorm is not a subclass of BatchNorm1d/2d/3d.
-_TO_LP = ((nn.SyncBatchNorm, LpBatchNormNd), (nn.BatchNorm1d, LpBatchNorm1d),
+_TO_LP = ((nn.SyncBatchNorm, SyncLpBatchNorm), (nn.BatchNorm1d, LpBatchNorm1d),
           (nn.BatchNorm2d, LpBatchNorm2d), (nn.BatchNorm3d, LpBatchNorm3d))
-_TO_TORCH = ((LpBatchNormNd, nn.SyncBatchNorm), (LpBatchNorm1d, nn.BatchNorm1d),
+_TO_TORCH = ((SyncLpBatchNorm, nn.SyncBatchNorm), (LpBatchNormNd, nn.SyncBatchNorm), (LpBatchNorm1d, nn.BatchNorm1d),
              (LpBatchNorm2d, nn.BatchNorm2d), (LpBatchNorm3d, nn.BatchNorm3d))
 
 _OPTIONS = ("k", "p", "chunks", "constant")
@@ -66,7 +65,6 @@ def convert(model: nn.Module, norm: str = "l1", **options) -> nn.Module:
                         f"the options are {', '.join(_OPTIONS)}")
     options = {**_DEFAULTS, **options}
     check_norm_options(norm, **options)
-    warned = []
 
     def replace(module: nn.Module) -> Optional[nn.Module]:
         if isinstance(module, _LpBatchNorm):
@@ -77,12 +75,8 @@ def convert(model: nn.Module, norm: str = "l1", **options) -> nn.Module:
         target = _target(module, _TO_LP)
         if target is None:
             return None
-        if target is LpBatchNormNd and not warned:
-            warned.append(True)
-            warnings.warn("lpnorm.convert: nn.SyncBatchNorm becomes LpBatchNormNd, which normalizes "
-                          "with each process's own batch statistics (not synchronized)", stacklevel=4)
         extra = dict(norm=norm, **options)
-        if target is LpBatchNormNd:
+        if target is SyncLpBatchNorm:
             extra["process_group"] = module.process_group
         return _rebuild(module, target, extra)
 
@@ -91,7 +85,7 @@ def convert(model: nn.Module, norm: str = "l1", **options) -> nn.Module:
 
 def to_torch(model: nn.Module) -> nn.Module:
     """Replaces every Lp batch norm of ``model`` by the torch batch norm it stands in for
-    (``LpBatchNorm1d/2d/3d`` -> ``nn.BatchNorm1d/2d/3d``, ``LpBatchNormNd`` ->
+    (``LpBatchNorm1d/2d/3d`` -> ``nn.BatchNorm1d/2d/3d``, ``SyncLpBatchNorm`` and ``LpBatchNormNd`` ->
     ``nn.SyncBatchNorm``), in place, keeping parameters, buffers and options as
     :func:`convert` does; returns ``model``, or the replacement when ``model`` itself is one.
     Eval outputs are unchanged: in eval mode every Lp batch norm is plain batch norm."""
