@@ -166,9 +166,17 @@ template <>
 struct Io<BFloat16> {
   using A = float;
   LPNORM_INLINE static VF load(const BFloat16* p) {
+#if defined(__AVX512F__)  // one vpmovzxwd zmm (the vector-extension form splits it in two)
+    return reinterpret_cast<VF>(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+#elif defined(__AVX2__)
+    return reinterpret_cast<VF>(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+#else
     VU16 h;
     std::memcpy(&h, p, sizeof h);
     return reinterpret_cast<VF>(__builtin_convertvector(h, VU32) << 16);
+#endif
   }
   // Round to nearest-even; NaN stays a quiet NaN (BFloat16::from_float, lane-wise).
   LPNORM_INLINE static void store(BFloat16* p, VF v) {
