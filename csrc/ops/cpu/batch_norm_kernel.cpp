@@ -1,5 +1,5 @@
 // CPU kernels of the batch-norm operators: the passes of cpu/kernels.h over tiles split
-// across torch's intra-op threads (parallel_for below), and the per-channel math of core/channel_math.h in
+// across torch's intra-op threads (ops/cpu/parallel.h), and the per-channel math of core/channel_math.h in
 // between.
 //
 // Two schedules, chosen per call from the shape alone (so results do not depend on the
@@ -19,77 +19,22 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <exception>
 #include <vector>
 
 #include "core/channel_math.h"
 #include "cpu/kernels.h"
 #include "ops/batch_norm.h"
+#include "ops/cpu/parallel.h"
 
-// at::parallel_for is a header template: with torch's OpenMP backend it forks threads only
-// where the including file is compiled with -fopenmp (_OPENMP defined), and runs the whole
-// range on the calling thread otherwise. This library is built without -fopenmp, so every
-// at::parallel_for here ran on one thread whatever torch.set_num_threads said. Fork torch's
-// own OpenMP pool directly instead (GOMP_parallel is what `#pragma omp parallel` compiles
-// to; libgomp is loaded with libtorch_cpu); weak, so a build without it runs serially.
-#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
-#define LPNORM_FORK_GOMP 1
-extern "C" {
-void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags) __attribute__((weak));
-}
-#endif
 
 namespace lpnorm::ops {
 namespace {
 
 using cpu::Tile;
 
-// at::parallel_for's contract (contiguous ranges of [begin, end), at least `grain` long, one
-// per thread, f never called with an empty range), on torch's intra-op threads.
-template <typename F>
-void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
-#if defined(LPNORM_FORK_GOMP)
-  if (begin >= end) return;
-  const int64_t count = end - begin;
-  int64_t threads = at::get_num_threads();
-  if (grain > 0) threads = std::min<int64_t>(threads, (count + grain - 1) / grain);
-  threads = std::min<int64_t>(threads, count);
-  if (GOMP_parallel == nullptr || threads <= 1 || at::in_parallel_region()) {
-    f(begin, end);
-    return;
-  }
-  struct Shared {
-    const F* f;
-    int64_t begin, end, chunk;
-    std::atomic<int64_t> next{0};
-    std::atomic_flag failed = ATOMIC_FLAG_INIT;
-    std::exception_ptr error;
-  } shared{&f, begin, end, (count + threads - 1) / threads};
-  // Each thread of the team takes the next chunk (which thread runs which range does not
-  // change any result: every tile writes its own outputs).
-  GOMP_parallel(
-      [](void* data) {
-        auto& s = *static_cast<Shared*>(data);
-        for (;;) {
-          const int64_t first = s.begin + s.next.fetch_add(1) * s.chunk;
-          if (first >= s.end) return;
-          try {
-            (*s.f)(first, std::min(s.end, first + s.chunk));
-          } catch (...) {
-            if (!s.failed.test_and_set()) s.error = std::current_exception();
-          }
-        }
-      },
-      &shared, static_cast<unsigned>(threads), 0);
-  if (shared.error) std::rethrow_exception(shared.error);
-#else
-  at::parallel_for(begin, end, grain, f);
-#endif
-}
 
 cpu::Dtype cpu_dtype(at::ScalarType type) {
   switch (type) {
@@ -197,7 +142,7 @@ Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64_t stre
 
 template <typename Fn>
 void for_each_tile(const Plan& plan, const Fn& fn) {
-  parallel_for(0, static_cast<int64_t>(plan.tiles.size()), 1, [&](int64_t begin, int64_t end) {
+  cpu_parallel_for(0, static_cast<int64_t>(plan.tiles.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) fn(plan.tiles[i], plan.part[i]);
   });
 }
@@ -286,7 +231,7 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
     };
 
     if (plan.fused) {
-      parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+      cpu_parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
         std::vector<core::Deviation> pool(static_cast<size_t>(core::deviation_scratch_size(spec)));
         for (int64_t c = begin; c < end; ++c) {
           const Tile t{c, c + 1, 0, m};
@@ -381,7 +326,7 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
   };
 
   if (plan.fused) {
-    parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+    cpu_parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const Tile t{c, c + 1, 0, m};
         reduce(t, 0);

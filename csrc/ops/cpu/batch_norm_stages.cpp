@@ -24,6 +24,7 @@
 #include "core/channel_math.h"
 #include "cpu/kernels.h"
 #include "ops/batch_norm.h"
+#include "ops/cpu/parallel.h"
 
 namespace lpnorm::ops {
 namespace {
@@ -75,7 +76,7 @@ void for_each_channel_tile(const core::ChannelLayout& l, const Fn& fn) {
     fn(Tile{0, l.C, 0, m});
     return;
   }
-  at::parallel_for(0, l.C, 1, [&](int64_t begin, int64_t end) {
+  cpu_parallel_for(0, l.C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) fn(Tile{c, c + 1, 0, m});
   });
 }
