@@ -50,6 +50,12 @@ bool spatial_stride(const Tensor& t, int64_t& stride) {
 
 }  // namespace
 
+bool half_accumulation(c10::string_view accumulate, const Tensor& input) {
+  TORCH_CHECK_VALUE(accumulate == "float" || accumulate == "half",
+                    "lpnorm.batch_norm: accumulate must be 'float' or 'half'; got '", accumulate, "'");
+  return accumulate == "half" && (input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16);
+}
+
 core::NormSpec parse_norm_spec(c10::string_view norm, int64_t k, double p, int64_t chunks,
                                c10::string_view constant, int64_t batch, int64_t count) {
   const std::string norm_name(norm.data(), norm.size());

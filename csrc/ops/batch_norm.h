@@ -29,6 +29,11 @@ core::NormSpec check_forward(const Tensor& input, const OptionalTensor& weight, 
                              bool training, c10::string_view norm, int64_t k, double p, int64_t chunks,
                              c10::string_view constant);
 
+// SPEC §4's accumulator option: "float" or "half" (anything else is refused). True when a
+// half-precision input is to accumulate in its own type; "half" changes nothing for float32
+// and float64 inputs, which have no narrower accumulator.
+bool half_accumulation(c10::string_view accumulate, const Tensor& input);
+
 // The checks of a backward call: saved tensors that fit the input.
 void check_backward(const Tensor& grad_output, const Tensor& input, const OptionalTensor& weight,
                     const Tensor& save_mean, const Tensor& save_invstd, const Tensor& save_coef,

@@ -11,6 +11,12 @@ def _stats_dtype(input: torch.Tensor) -> torch.dtype:
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
+def _check_accumulate(accumulate):
+    """The real kernels refuse any other value before they run; so does tracing."""
+    if accumulate not in ("float", "half"):
+        raise ValueError(f"lpnorm.batch_norm: accumulate must be 'float' or 'half'; got '{accumulate}'")
+
+
 def _check_devices(input, **tensors):
     """A tensor on the meta device routes the call here instead of to a real kernel, whose
     checks would refuse mixed devices: refuse them here too (SPEC §5)."""
@@ -21,7 +27,8 @@ def _check_devices(input, **tensors):
 
 @torch.library.register_fake("lpnorm::batch_norm_forward")
 def _batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                        norm, k, p, chunks, constant):
+                        norm, k, p, chunks, constant, accumulate="float"):
+    _check_accumulate(accumulate)
     _check_devices(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     channels = input.shape[1]
     per_chunk = _SPARSE_PER_CHUNK.get(norm, lambda k: 0)(k)
@@ -39,7 +46,8 @@ def _batch_norm_forward(input, weight, bias, running_mean, running_var, training
 
 @torch.library.register_fake("lpnorm::batch_norm_backward")
 def _batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, save_coef, sparse_index,
-                         sparse_coef, training, norm, p):
+                         sparse_coef, training, norm, p, accumulate="float"):
+    _check_accumulate(accumulate)
     _check_devices(input, grad_output=grad_output, weight=weight)
     channels = input.shape[1]
     param = weight.dtype if weight is not None else _stats_dtype(input)
@@ -52,7 +60,8 @@ def _batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, sav
 
 @torch.library.register_fake("lpnorm::batch_norm")
 def _batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, norm, k, p,
-                chunks, constant):
+                chunks, constant, accumulate="float"):
+    _check_accumulate(accumulate)
     _check_devices(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     return torch.empty_like(input)
 

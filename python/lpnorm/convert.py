@@ -45,13 +45,13 @@ _TO_LP = ((nn.SyncBatchNorm, SyncLpBatchNorm), (nn.BatchNorm1d, LpBatchNorm1d),
 _TO_TORCH = ((SyncLpBatchNorm, nn.SyncBatchNorm), (LpBatchNormNd, nn.SyncBatchNorm), (LpBatchNorm1d, nn.BatchNorm1d),
              (LpBatchNorm2d, nn.BatchNorm2d), (LpBatchNorm3d, nn.BatchNorm3d))
 
-_OPTIONS = ("k", "p", "chunks", "constant")
-_DEFAULTS = dict(k=10, p=2.0, chunks=1, constant="exact")
+_OPTIONS = ("k", "p", "chunks", "constant", "accumulate")
+_DEFAULTS = dict(k=10, p=2.0, chunks=1, constant="exact", accumulate="float")
 
 
 def convert(model: nn.Module, norm: str = "l1", **options) -> nn.Module:
     """Replaces every ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` of ``model`` by an Lp
-    batch norm with ``norm`` and ``options`` (``k``, ``p``, ``chunks``, ``constant``, as the
+    batch norm with ``norm`` and ``options`` (``k``, ``p``, ``chunks``, ``constant``, ``accumulate``, as the
     ``LpBatchNorm*d`` constructors take), in place; returns ``model``, or the replacement when
     ``model`` itself is a batch norm. See the module's documentation for what is kept.
 

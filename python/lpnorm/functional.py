@@ -22,6 +22,7 @@ def batch_norm(
     p: float = 2.0,
     chunks: int = 1,
     constant: str = "exact",
+    accumulate: str = "float",
 ) -> Tensor:
     """Lp batch normalization over the channel dimension (dim 1).
 
@@ -39,8 +40,11 @@ def batch_norm(
             estimated in each of ``chunks`` equal parts of the batch and averaged.
         constant: ``"exact"`` expected order statistics, or ``"paper"`` for the
             multipliers of the authors' code.
+        accumulate: ``"float"`` (half-precision inputs accumulate their statistics in
+            float32) or ``"half"`` (in the input's own float16/bfloat16, SPEC §4: shows where
+            each norm leaves the half range; CPU only, slower; no effect on float32/float64).
     """
     return torch.ops.lpnorm.batch_norm(
         input, weight, bias, running_mean, running_var, training, momentum, eps, norm, k, p, chunks,
-        constant,
+        constant, accumulate,
     )

@@ -11,9 +11,9 @@ float16, and computes each norm's scale estimate in three modes:
 
 - ``kernel-fp32acc``: lpnorm's kernels on the float16 tensor, float32 accumulation (SPEC §4's
   default for half inputs).
-- ``kernel-fp16acc``: lpnorm's kernels accumulating in float16 (SPEC §4's option). The plug-in
-  point is :func:`kernel_half_accumulation`; until the library exposes the option that mode is
-  reported "not available in this build" and skipped.
+- ``kernel-fp16acc``: lpnorm's kernels with ``accumulate="half"`` (SPEC §4): every term and
+  every partial mean in float16 (csrc/cpu/half_accumulation.h: terms rounded to float16 and
+  averaged pairwise, so no sum outgrows the data's own scale).
 - ``torch-fp16``: the statistic written in plain PyTorch float16 operators (x.mean(), d * d,
   d.abs(), amax, topk): float16 values and element-wise results, torch's reductions (which
   accumulate in float32 on CPU). Not lpnorm: the reference point of a naive half implementation,
@@ -49,10 +49,6 @@ MS = [10 ** e for e in range(2, 7)]  # 1e2 .. 1e6
 EPS = 1e-5
 
 
-class ModeUnavailable(RuntimeError):
-    """A mode this build of lpnorm cannot run."""
-
-
 # ---------------------------------------------------------------------------------------------
 # The modes: each returns (sigma per channel as float64, the normalized output)
 
@@ -75,32 +71,9 @@ def kernel_float32_accumulation(x16: torch.Tensor, options: dict) -> Tuple[torch
     return out[3][:, 0].double(), out[0]
 
 
-# ---- PLUG-IN POINT: half accumulation (SPEC §4) ---------------------------------------------
-# lpnorm does not expose half accumulation yet. When it does, make this function call it: it
-# must return the sigma the kernels computed with float16 accumulation (per channel) and the
-# normalized output. What it needs from the library, in order of preference:
-#   - a keyword on the operators, e.g. torch.ops.lpnorm.batch_norm_forward(..., accumulate="half")
-#     (and on lpnorm.functional.batch_norm), with save_coef[:, 0] holding that sigma; or
-#   - any other switch (a context manager, an environment variable read per call).
-# The detection below looks for an argument named `accumulate` in the operator's schema.
-HALF_ACCUMULATION_ARGUMENT = "accumulate"
-
-
-def half_accumulation_available() -> Tuple[bool, str]:
-    schema = torch.ops.lpnorm.batch_norm_forward.default._schema
-    if any(a.name == HALF_ACCUMULATION_ARGUMENT for a in schema.arguments):
-        return True, ""
-    return False, ("not available in this build: lpnorm.batch_norm_forward has no "
-                   f"'{HALF_ACCUMULATION_ARGUMENT}' argument (SPEC §4 half accumulation)")
-
-
 def kernel_half_accumulation(x16: torch.Tensor, options: dict) -> Tuple[torch.Tensor, torch.Tensor]:
-    available, why = half_accumulation_available()
-    if not available:
-        raise ModeUnavailable(why)
-    out = _forward(x16, options, **{HALF_ACCUMULATION_ARGUMENT: "half"})
+    out = _forward(x16, options, accumulate="half")
     return out[3][:, 0].double(), out[0]
-# ---- end of the plug-in point ---------------------------------------------------------------
 
 
 def torch_float16(x16: torch.Tensor, options: dict, constant: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -162,12 +135,7 @@ class Point:
 
 def sweep(sigmas=SIGMAS, ms=MS, norms=tuple(NORMS), modes=MODES, channels: int = 2, seed: int = 0,
           progress: bool = True) -> Tuple[List[Point], Dict[str, str]]:
-    unavailable: Dict[str, str] = {}
-    if "kernel-fp16acc" in modes:
-        ok, why = half_accumulation_available()
-        if not ok:
-            unavailable["kernel-fp16acc"] = why
-    modes = [mode for mode in modes if mode not in unavailable]
+    unavailable: Dict[str, str] = {}  # modes this build cannot run, with why (none at present)
     points: List[Point] = []
     total, done, start = len(ms) * len(sigmas), 0, time.perf_counter()
     for m in ms:
@@ -350,9 +318,7 @@ def train_variant_norm(kind: str, options: dict, eps: float):
         return lambda c: torch.nn.BatchNorm2d(c, eps=eps)
     if kind == "lpnorm":
         return lambda c: lpnorm.nn.LpBatchNorm2d(c, eps=eps, **options)
-    # PLUG-IN POINT (half accumulation in modules): when lpnorm exposes the option, return
-    # e.g. lambda c: lpnorm.nn.LpBatchNorm2d(c, eps=eps, accumulate="half", **options).
-    raise ModeUnavailable(half_accumulation_available()[1] or "half accumulation in LpBatchNorm2d: not wired yet")
+    return lambda c: lpnorm.nn.LpBatchNorm2d(c, eps=eps, accumulate="half", **options)
 
 
 def train_sweep(scales, variants, epochs: int, seed: int = 0, dtype=torch.float16, eps: float = 1e-5,
@@ -368,13 +334,7 @@ def train_sweep(scales, variants, epochs: int, seed: int = 0, dtype=torch.float1
     data = demo.load_digits_tensors()
     if train_limit:
         data = (data[0][:train_limit], data[1][:train_limit], data[2], data[3])
-    rows, unavailable = [], {}
-    for label in variants:
-        try:
-            train_variant_norm(*TRAIN_VARIANTS[label], eps)
-        except ModeUnavailable as error:
-            unavailable[label] = str(error)
-    variants = [label for label in variants if label not in unavailable]
+    rows, unavailable = [], {}  # variants this build cannot run, with why (none at present)
     total, start = len(scales) * len(variants), time.perf_counter()
     for scale in scales:
         for label in variants:

@@ -28,23 +28,23 @@ using torch::autograd::variable_list;
 ForwardResult call_forward(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                            const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
                            double momentum, double eps, c10::string_view norm, int64_t k, double p, int64_t chunks,
-                           c10::string_view constant) {
+                           c10::string_view constant, c10::string_view accumulate) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("lpnorm::batch_norm_forward", "")
                              .typed<decltype(call_forward)>();
   return op.call(input, weight, bias, running_mean, running_var, training, momentum, eps, norm, k, p, chunks,
-                 constant);
+                 constant, accumulate);
 }
 
 BackwardResult call_backward(const Tensor& grad_output, const Tensor& input, const OptionalTensor& weight,
                              const Tensor& save_mean, const Tensor& save_invstd, const Tensor& save_coef,
                              const Tensor& sparse_index, const Tensor& sparse_coef, bool training,
-                             c10::string_view norm, double p) {
+                             c10::string_view norm, double p, c10::string_view accumulate) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("lpnorm::batch_norm_backward", "")
                              .typed<decltype(call_backward)>();
   return op.call(grad_output, input, weight, save_mean, save_invstd, save_coef, sparse_index, sparse_coef,
-                 training, norm, p);
+                 training, norm, p, accumulate);
 }
 
 // The gradients of SPEC §3 as differentiable ATen ops of (grad_output, input, weight), so
@@ -129,16 +129,19 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const OptionalTensor& weight,
                         const OptionalTensor& bias, const OptionalTensor& running_mean,
                         const OptionalTensor& running_var, bool training, double momentum, double eps,
-                        const std::string& norm, int64_t k, double p, int64_t chunks, const std::string& constant) {
+                        const std::string& norm, int64_t k, double p, int64_t chunks, const std::string& constant,
+                        const std::string& accumulate) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [output, save_mean, save_invstd, save_coef, sparse_index, sparse_coef] = call_forward(
-        input, weight, bias, running_mean, running_var, training, momentum, eps, norm, k, p, chunks, constant);
+        input, weight, bias, running_mean, running_var, training, momentum, eps, norm, k, p, chunks, constant,
+        accumulate);
     ctx->save_for_backward(
         {input, weight.value_or(Tensor()), save_mean, save_invstd, save_coef, sparse_index, sparse_coef});
     ctx->saved_data["training"] = training;
     ctx->saved_data["norm"] = norm;
     ctx->saved_data["p"] = p;
     ctx->saved_data["eps"] = eps;
+    ctx->saved_data["accumulate"] = accumulate;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return output;
   }
@@ -146,20 +149,22 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor& weight = saved[1];
-    variable_list grads(13);  // one per forward argument
+    variable_list grads(14);  // one per forward argument
     if (!grad_outputs[0].defined()) return grads;
     const bool training = ctx->saved_data["training"].toBool();
     const std::string& norm = ctx->saved_data["norm"].toStringRef();
     const double p = ctx->saved_data["p"].toDouble();
     // Grad mode is on in a backward only with create_graph=True: then the gradients must
-    // themselves have gradients, which the native backward operator does not provide.
+    // themselves have gradients, which the native backward operator does not provide. (That
+    // composite accumulates as ATen does, in float32 for half inputs, whatever `accumulate`.)
     const bool differentiable = at::GradMode::is_enabled() && saved[0].numel() > 0;
     auto [grad_input, grad_weight, grad_bias] =
         differentiable
             ? differentiable_backward(grad_outputs[0], saved[0], weight, saved[2], saved[3], saved[5], saved[6],
                                       training, norm, p, ctx->saved_data["eps"].toDouble())
             : call_backward(grad_outputs[0], saved[0], weight.defined() ? OptionalTensor(weight) : std::nullopt,
-                            saved[2], saved[3], saved[4], saved[5], saved[6], training, norm, p);
+                            saved[2], saved[3], saved[4], saved[5], saved[6], training, norm, p,
+                            ctx->saved_data["accumulate"].toStringRef());
     grads[0] = grad_input;
     if (weight.defined()) grads[1] = grad_weight;
     if (ctx->saved_data["has_bias"].toBool()) grads[2] = grad_bias;
@@ -170,18 +175,18 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
 Tensor batch_norm_autograd(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                            const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
                            double momentum, double eps, c10::string_view norm, int64_t k, double p, int64_t chunks,
-                           c10::string_view constant) {
+                           c10::string_view constant, c10::string_view accumulate) {
   return BatchNormFunction::apply(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                                  std::string(norm), k, p, chunks, std::string(constant));
+                                  std::string(norm), k, p, chunks, std::string(constant), std::string(accumulate));
 }
 
 // Below autograd (inference, or dispatch keys past Autograd): just the forward's output.
 Tensor batch_norm_inference(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                             const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
                             double momentum, double eps, c10::string_view norm, int64_t k, double p,
-                            int64_t chunks, c10::string_view constant) {
+                            int64_t chunks, c10::string_view constant, c10::string_view accumulate) {
   return std::get<0>(call_forward(input, weight, bias, running_mean, running_var, training, momentum, eps, norm, k,
-                                  p, chunks, constant));
+                                  p, chunks, constant, accumulate));
 }
 
 }  // namespace

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "core/channel_math.h"
+#include "cpu/half_accumulation.h"
 #include "cpu/kernels.h"
 #include "ops/batch_norm.h"
 #include "ops/cpu/parallel.h"
@@ -169,9 +170,11 @@ void combine_extremes(std::vector<core::Candidate>& parts, int64_t channels, int
 ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                                      const OptionalTensor& running_mean, const OptionalTensor& running_var,
                                      bool training, double momentum, double eps, c10::string_view norm, int64_t k,
-                                     double p, int64_t chunks, c10::string_view constant) {
+                                     double p, int64_t chunks, c10::string_view constant,
+                                     c10::string_view accumulate) {
   const core::NormSpec spec =
       check_forward(input, weight, bias, running_mean, running_var, training, norm, k, p, chunks, constant);
+  const bool in_half = half_accumulation(accumulate, input);
   const auto [x, layout] = channel_view(input);
   const int64_t channels = layout.C;
   const int64_t m = layout.count();
@@ -189,7 +192,8 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
   auto affine = [&](const Tile& t) {
     kernels.apply_affine({layout, dtype, xp, yp, mean.data(), scale.data(), b.data()}, t);
   };
-  const Plan plan = make_plan(layout, x.element_size(), 1);
+  Plan plan = make_plan(layout, x.element_size(), 1);
+  plan.fused = plan.fused && !in_half;  // half accumulation replaces the split schedule's sums
 
   if (training) {
     const int64_t per_end = spec.extremes_per_end();
@@ -247,8 +251,18 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       combine_sums(sum, channels, plan.parts);
       if (per_end > 0) combine_extremes(largest, channels, plan.parts, lists, per_end);
       if (per_end > 0) combine_extremes(smallest, channels, plan.parts, lists, per_end);
+      if (in_half) {  // the means in half as sums: m * mean is exact in double, so is sum / m
+        cpu_parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t c = begin; c < end; ++c) {
+            const cpu::HalfForwardMeans half = cpu::half_forward_means(layout, dtype, xp, c, spec);
+            sum[c] = half.mean * static_cast<double>(m);
+            deviation[c] = half.deviation * static_cast<double>(m);
+            phi[c] = half.phi * static_cast<double>(m);
+          }
+        });
+      }
       for (int64_t c = 0; c < channels; ++c) mean[c] = m > 0 ? sum[c] / static_cast<double>(m) : 0.0;
-      if (dense) {
+      if (dense && !in_half) {
         for_each_tile(plan, [&](const Tile& t, int64_t part) { kernels.collect_deviations(deviation_args(part), t); });
         combine_sums(deviation, channels, plan.parts);
         combine_sums(phi, channels, plan.parts);
@@ -283,8 +297,9 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
 BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, const OptionalTensor& weight,
                                        const Tensor& save_mean, const Tensor& save_invstd, const Tensor& save_coef,
                                        const Tensor& sparse_index, const Tensor& sparse_coef, bool training,
-                                       c10::string_view norm, double p) {
+                                       c10::string_view norm, double p, c10::string_view accumulate) {
   check_backward(grad_output, input, weight, save_mean, save_invstd, save_coef, sparse_index, sparse_coef);
+  const bool in_half = half_accumulation(accumulate, input);
   const core::NormSpec spec = parse_norm_spec(norm, 1, p, 1, "exact", 1, 0);
   const auto [x, layout] = channel_view(input);
   // The passes walk grad and x with one set of strides: a copy only when they differ.
@@ -303,7 +318,8 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
   const Tensor index = sparse_index.contiguous();
   Tensor grad_input = at::empty_like(x);
 
-  const Plan plan = make_plan(layout, x.element_size(), 2);
+  Plan plan = make_plan(layout, x.element_size(), 2);
+  plan.fused = plan.fused && !in_half;
   const int64_t buffers = plan.fused ? 1 : plan.parts;
   std::vector<double> sum_g(buffers * channels), sum_gd(buffers * channels);
   std::vector<core::GradCoefficients> grad_coef(channels);
@@ -335,9 +351,20 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
       }
     });
   } else {
-    for_each_tile(plan, reduce);
-    combine_sums(sum_g, channels, plan.parts);
-    combine_sums(sum_gd, channels, plan.parts);
+    if (in_half) {  // the means in half as sums (exact in double)
+      cpu_parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          const cpu::HalfGradMeans half =
+              cpu::half_grad_means(layout, dtype, grad.const_data_ptr(), x.const_data_ptr(), c, mean[c]);
+          sum_g[c] = half.grad * static_cast<double>(m);
+          sum_gd[c] = half.grad_dev * static_cast<double>(m);
+        }
+      });
+    } else {
+      for_each_tile(plan, reduce);
+      combine_sums(sum_g, channels, plan.parts);
+      combine_sums(sum_gd, channels, plan.parts);
+    }
     for (int64_t c = 0; c < channels; ++c) finish(c);
     for_each_tile(plan, [&](const Tile& t, int64_t) { apply(t); });
   }

@@ -15,9 +15,10 @@ NORMS = ("l2", "l1", "linf", "topk", "range", "p")
 # nn.BatchNorm*d's keyword-only `bias` (an affine weight without bias) is absent from older torch.
 _TORCH_HAS_BIAS_FLAG = "bias" in inspect.signature(_NormBase.__init__).parameters
 CHUNKED_NORMS = ("linf", "topk", "range")
+ACCUMULATORS = ("float", "half")
 
 
-def check_norm_options(norm: str, k: int, p: float, chunks: int, constant: str) -> None:
+def check_norm_options(norm: str, k: int, p: float, chunks: int, constant: str, accumulate: str = "float") -> None:
     """Refuses bad options when a module is built, not at its first forward."""
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {norm!r}")
@@ -31,6 +32,8 @@ def check_norm_options(norm: str, k: int, p: float, chunks: int, constant: str) 
         raise ValueError(f"chunks (ghost batches) apply to norm 'linf', 'topk' and 'range' only; got chunks={chunks} with norm {norm!r}")
     if constant not in ("exact", "paper"):
         raise ValueError(f"constant must be 'exact' or 'paper'; got {constant!r}")
+    if accumulate not in ACCUMULATORS:
+        raise ValueError(f"accumulate must be 'float' or 'half'; got {accumulate!r}")
 
 
 class _LpBatchNorm(_NormBase):
@@ -52,8 +55,9 @@ class _LpBatchNorm(_NormBase):
         p: float = 2.0,
         chunks: int = 1,
         constant: str = "exact",
+        accumulate: str = "float",
     ) -> None:
-        check_norm_options(norm, k, p, chunks, constant)
+        check_norm_options(norm, k, p, chunks, constant, accumulate)
         factory = dict(device=device, dtype=dtype)
         if not bias:  # only passed when asked for, so older torch keeps working without it
             if not _TORCH_HAS_BIAS_FLAG:
@@ -65,6 +69,7 @@ class _LpBatchNorm(_NormBase):
         self.p = float(p)
         self.chunks = chunks
         self.constant = constant
+        self.accumulate = accumulate
 
     def _check_input_dim(self, input: Tensor) -> None:
         raise NotImplementedError
@@ -79,6 +84,8 @@ class _LpBatchNorm(_NormBase):
             options += f", chunks={self.chunks}"
         if self.constant != "exact":
             options += f", constant={self.constant}"
+        if self.accumulate != "float":
+            options += f", accumulate={self.accumulate}"
         return super().extra_repr() + ", " + options
 
     def _running_factor(self) -> float:
@@ -112,6 +119,7 @@ class _LpBatchNorm(_NormBase):
             self.p,
             self.chunks,
             self.constant,
+            self.accumulate,
         )
 
 

@@ -130,7 +130,8 @@ class SyncLpBatchNorm(_LpBatchNorm):
     input gradients, running statistics) equal those of one process over the concatenated
     batch; ``weight``/``bias`` gradients are per process, as torch's (DDP sums them).
 
-    Works with gloo on CPU. ``chunks`` (ghost batches) is not supported: only ``chunks=1``.
+    Works with gloo on CPU. ``chunks`` (ghost batches) is not supported: only ``chunks=1``;
+    nor is ``accumulate="half"``.
     In evaluation, or without an initialized process group of more than one process, it is
     a plain :class:`LpBatchNorm2d`-like layer on the local batch.
     """
@@ -151,7 +152,11 @@ class SyncLpBatchNorm(_LpBatchNorm):
         p: float = 2.0,
         chunks: int = 1,
         constant: str = "exact",
+        accumulate: str = "float",
     ) -> None:
+        if accumulate != "float":
+            raise ValueError(f"SyncLpBatchNorm supports accumulate='float' only (its stage operators accumulate "
+                             f"in float64); got accumulate={accumulate!r}")
         if chunks != 1:
             raise ValueError(
                 f"SyncLpBatchNorm supports chunks=1 only (ghost batches are not split across processes); "
@@ -201,6 +206,10 @@ class SyncLpBatchNorm(_LpBatchNorm):
                 raise ValueError(
                     f"convert_sync_batchnorm: SyncLpBatchNorm supports chunks=1 only; {type(module).__name__} "
                     f"has chunks={module.chunks}")
+            if module.accumulate != "float":
+                raise ValueError(
+                    f"convert_sync_batchnorm: SyncLpBatchNorm supports accumulate='float' only; "
+                    f"{type(module).__name__} has accumulate={module.accumulate!r}")
             group = process_group if process_group is not None else getattr(module, "process_group", None)
             module_output = cls(module.num_features, module.eps, module.momentum, module.affine,
                                 module.track_running_stats, group, norm=module.norm, k=module.k, p=module.p,
