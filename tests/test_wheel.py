@@ -82,6 +82,9 @@ def test_suite_passes_from_the_installed_wheel(venv, tmp_path):
     assert Path(where).is_relative_to(venv.parent.parent), where  # the wheel's, not the tree's
     info = run([venv, "-m", "lpnorm", "info"], cwd=tmp_path).stdout
     assert f"0.1.0+{LOCAL_TAG}" in info and str(venv.parent.parent / "lib") in info
+    versions = run([venv, "-c", "import importlib.metadata, lpnorm; "
+                    "print(lpnorm.__version__, importlib.metadata.version('lpnorm'))"], cwd=tmp_path).stdout.split()
+    assert versions == [f"0.1.0+{LOCAL_TAG}"] * 2, versions  # __version__ is the wheel's
 
     tests = tmp_path / "tests"
     shutil.copytree(TESTS, tests, ignore=shutil.ignore_patterns("__pycache__", *NOT_RERUN))

@@ -20,6 +20,8 @@ from . import functional, nn  # noqa: E402
 from .convert import convert, to_torch  # noqa: E402
 from ._C import build_info  # noqa: E402
 
-__version__ = build_info()["version"]
+# The installed distribution's version, local tag included ("0.1.0+pt213cpu"), as torch's
+# "2.13.0+cpu"; build_info()["version"] is the C++ library's ("0.1.0").
+__version__ = _library.build_file()["version"]
 
 __all__ = ["functional", "nn", "convert", "to_torch", "build_info", "__version__"]
