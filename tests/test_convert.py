@@ -186,6 +186,21 @@ def test_sync_batch_norm_round_trip():
     assert back.running_mean is sync.running_mean and back.momentum is None and back.eps == 1e-4
 
 
+def test_sync_batch_norm_without_bias_round_trip():
+    """torch's bias=False (a weight without bias) survives SyncBatchNorm -> SyncLpBatchNorm ->
+    back, and LpBatchNorm2d(bias=False) -> SyncLpBatchNorm.convert_sync_batchnorm."""
+    sync = nn.SyncBatchNorm(3, bias=False)
+    lp = lpnorm.convert(sync, norm="l1")
+    assert type(lp) is lpnorm.nn.SyncLpBatchNorm and lp.bias is None and lp.weight is sync.weight
+    x = batch((4, 3, 5), torch.float32).requires_grad_()
+    lp(x).square().sum().backward()
+    assert lp.weight.grad is not None and x.grad is not None
+    back = lpnorm.to_torch(lp)
+    assert type(back) is nn.SyncBatchNorm and back.bias is None and back.weight is sync.weight
+    converted = lpnorm.nn.SyncLpBatchNorm.convert_sync_batchnorm(lpnorm.nn.LpBatchNorm2d(3, bias=False))
+    assert converted.bias is None and converted.weight is not None
+
+
 def test_lp_batch_norm_nd_goes_back_to_sync_batch_norm():
     nd = LpBatchNormNd(3, process_group=None, norm="l1")
     back = lpnorm.to_torch(nd)

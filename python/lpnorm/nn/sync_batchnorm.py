@@ -147,6 +147,7 @@ class SyncLpBatchNorm(_LpBatchNorm):
         device=None,
         dtype=None,
         *,
+        bias: bool = True,
         norm: str = "l1",
         k: int = 10,
         p: float = 2.0,
@@ -161,8 +162,8 @@ class SyncLpBatchNorm(_LpBatchNorm):
             raise ValueError(
                 f"SyncLpBatchNorm supports chunks=1 only (ghost batches are not split across processes); "
                 f"got chunks={chunks!r}")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, norm=norm, k=k,
-                         p=p, chunks=1, constant=constant)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+                         norm=norm, k=k, p=p, chunks=1, constant=constant)
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -212,8 +213,8 @@ class SyncLpBatchNorm(_LpBatchNorm):
                     f"{type(module).__name__} has accumulate={module.accumulate!r}")
             group = process_group if process_group is not None else getattr(module, "process_group", None)
             module_output = cls(module.num_features, module.eps, module.momentum, module.affine,
-                                module.track_running_stats, group, norm=module.norm, k=module.k, p=module.p,
-                                constant=module.constant)
+                                module.track_running_stats, group, bias=not module.affine or module.bias is not None,
+                                norm=module.norm, k=module.k, p=module.p, constant=module.constant)
             if module.affine:
                 with torch.no_grad():
                     module_output.weight = module.weight
