@@ -8,6 +8,81 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import reference` from any mode
 
 
+# ---------------------------------------------------------------------------------------------
+# Devices (docs/cuda.md): every device-parametrized test runs on "cpu", and on "cuda" when a GPU
+# is visible and lpnorm was built with its CUDA kernels. Without them no "cuda" items are
+# generated at all (the suite stays as fast as before); tests/test_cuda.py holds the one test
+# that is skipped to say so. Items on CUDA carry the `cuda` marker: `pytest -m cuda` runs
+# exactly them.
+#
+# LPNORM_TEST_FAKE_CUDA=1 on a machine without CUDA generates the "cuda" items anyway, running
+# on the CPU: it checks the tests' own device handling where no GPU is at hand (tests that need
+# a real GPU skip themselves under it).
+
+
+def _cuda_unavailable():
+    """Why the CUDA cases cannot run, or None when they can."""
+    if not torch.cuda.is_available():
+        return "torch.cuda.is_available() is False"
+    import lpnorm  # noqa: F401  (registers the operators)
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("lpnorm::batch_norm_forward", "CUDA"):
+        return "lpnorm was built without its CUDA kernels (LPNORM_CUDA=ON)"
+    return None
+
+
+CUDA_UNAVAILABLE = _cuda_unavailable()
+FAKE_CUDA = CUDA_UNAVAILABLE is not None and os.environ.get("LPNORM_TEST_FAKE_CUDA") == "1"
+NO_CUDA_REASON = f"no CUDA device/kernels: {CUDA_UNAVAILABLE}"
+
+DEVICES = ["cpu"]
+if CUDA_UNAVAILABLE is None:
+    DEVICES.append(pytest.param("cuda", id="cuda", marks=pytest.mark.cuda))
+elif FAKE_CUDA:
+    DEVICES.append(pytest.param("cpu", id="cuda", marks=pytest.mark.cuda))
+
+
+# Where the CUDA-against-CPU comparisons of test_cuda.py run: "cuda", or the CPU under
+# LPNORM_TEST_FAKE_CUDA=1 (CPU against CPU: it checks those tests' own code).
+GPU = "cpu" if FAKE_CUDA else "cuda"
+
+
+def cuda_or_fake(test):
+    """For tests that compare the GPU with the CPU: they also run under LPNORM_TEST_FAKE_CUDA."""
+    skip = pytest.mark.skipif(CUDA_UNAVAILABLE is not None and not FAKE_CUDA, reason=NO_CUDA_REASON)
+    return pytest.mark.cuda(skip(test))
+
+
+def requires_cuda(test):
+    """For tests that only make sense on a real GPU (CUDA's own limits, streams, CUDA against
+    CPU): skipped, with the reason, where there is none; marked `cuda` either way."""
+    skip = pytest.mark.skipif(CUDA_UNAVAILABLE is not None, reason=NO_CUDA_REASON)
+    return pytest.mark.cuda(skip(test))
+
+
+def devices_param():
+    return pytest.mark.parametrize("device", DEVICES)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs on the GPU (select exactly these with -m cuda)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without CUDA, the GPU-only tests (requires_cuda / cuda_or_fake, about a thousand
+    parametrized cases) are deselected rather than each reported as skipped; the one test
+    test_cuda.py::test_cuda_backend_is_testable stays and is skipped with the reason."""
+    if CUDA_UNAVAILABLE is None:
+        return
+    keep, drop = [], []
+    for item in items:
+        gpu_only = any(mark.name == "skipif" and mark.kwargs.get("reason") == NO_CUDA_REASON and mark.args[0]
+                       for mark in item.iter_markers())
+        (drop if gpu_only else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(autouse=True)
 def seed():
     """Every test draws the same numbers, whatever ran before it."""
@@ -78,6 +153,7 @@ def assert_close(actual, expected, dtype=None, what=""):
     """actual (any dtype) against the float64 reference, relative to the reference's magnitude:
     |actual - expected| <= tol * (|expected| + max|expected|)."""
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    actual, expected = actual.detach().cpu(), expected.detach().cpu()  # a CUDA result vs the CPU reference
     tol = tolerance(dtype or actual.dtype)
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     torch.testing.assert_close(actual.double(), expected.double(), rtol=tol,
@@ -100,7 +176,8 @@ def sliced(x):
     """A non-contiguous view with x's values: a slice of a larger tensor (batch step 2,
     channels 1..C, spatial offset)."""
     N, C = x.shape[:2]
-    big = torch.zeros((2 * N, C + 2) + tuple(s + 1 for s in x.shape[2:]), dtype=x.dtype)
+    big = torch.zeros((2 * N, C + 2) + tuple(s + 1 for s in x.shape[2:]), dtype=x.dtype,
+                      device=x.device)
     index = (slice(None, None, 2), slice(1, C + 1)) + tuple(slice(1, None) for _ in x.shape[2:])
     view = big[index]
     view.copy_(x)

@@ -6,22 +6,23 @@ import torch
 import torch.nn.functional as F
 
 import lpnorm
-from conftest import NORMS, distinct_input, norm_id, norms_param
+from conftest import NORMS, devices_param, distinct_input, norm_id, norms_param
 
 SHAPE = (4, 3, 5)  # m = 20 values per channel: k=10 fits, and 10 per chunk with chunks=2
 
 
-def leaves(shape=SHAPE, dtype=torch.float64):
+def leaves(shape=SHAPE, dtype=torch.float64, device="cpu"):
     C = shape[1]
-    x = distinct_input(shape, dtype).requires_grad_()
-    weight = (torch.rand(C, dtype=dtype) + 0.5).requires_grad_()
-    bias = torch.randn(C, dtype=dtype).requires_grad_()
+    x = distinct_input(shape, dtype).to(device).requires_grad_()
+    weight = (torch.rand(C, dtype=dtype) + 0.5).to(device).requires_grad_()
+    bias = torch.randn(C, dtype=dtype).to(device).requires_grad_()
     return x, weight, bias
 
 
 @norms_param()
-def test_gradgradcheck_batch_statistics(norm_kwargs):
-    x, weight, bias = leaves()
+@devices_param()
+def test_gradgradcheck_batch_statistics(norm_kwargs, device):
+    x, weight, bias = leaves(device=device)
 
     def fn(x, weight, bias):
         return lpnorm.functional.batch_norm(x, None, None, weight, bias, training=True, **norm_kwargs)

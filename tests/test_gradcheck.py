@@ -4,7 +4,7 @@ import torch
 
 import lpnorm
 import reference
-from conftest import NORMS, channels_last, distinct_input, norm_id
+from conftest import NORMS, channels_last, devices_param, distinct_input, norm_id
 
 SHAPES = [(4, 3, 5), (6, 2)]
 
@@ -17,11 +17,11 @@ def chunk_size(shape, norm_kwargs):
 CASES = [(n, s) for n in NORMS for s in SHAPES if n.get("k", 1) <= chunk_size(s, n)]
 
 
-def inputs(shape, dtype=torch.float64):
+def inputs(shape, dtype=torch.float64, device="cpu"):
     C = shape[1]
-    x = distinct_input(shape, dtype).requires_grad_()
-    weight = (torch.rand(C, dtype=dtype) + 0.5).requires_grad_()
-    bias = torch.randn(C, dtype=dtype).requires_grad_()
+    x = distinct_input(shape, dtype).to(device).requires_grad_()
+    weight = (torch.rand(C, dtype=dtype) + 0.5).to(device).requires_grad_()
+    bias = torch.randn(C, dtype=dtype).to(device).requires_grad_()
     return x, weight, bias
 
 
@@ -30,8 +30,9 @@ def inputs(shape, dtype=torch.float64):
 
 @pytest.mark.parametrize("norm_kwargs, shape", CASES,
                          ids=[f"{norm_id(n)}-{'x'.join(map(str, s))}" for n, s in CASES])
-def test_gradcheck_batch_statistics(norm_kwargs, shape):
-    x, weight, bias = inputs(shape)
+@devices_param()
+def test_gradcheck_batch_statistics(norm_kwargs, shape, device):
+    x, weight, bias = inputs(shape, device=device)
 
     def fn(x, weight, bias):
         return lpnorm.functional.batch_norm(x, None, None, weight, bias, training=True,
@@ -41,10 +42,12 @@ def test_gradcheck_batch_statistics(norm_kwargs, shape):
 
 @pytest.mark.parametrize("norm_kwargs", [dict(norm="l1"), dict(norm="topk", k=3, chunks=2)],
                          ids=norm_id)
-def test_gradcheck_training_with_running_stats(norm_kwargs):
+@devices_param()
+def test_gradcheck_training_with_running_stats(norm_kwargs, device):
     """Updating the running statistics does not change the gradients."""
-    x, weight, bias = inputs((4, 3, 5))
-    running_mean, running_var = torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype)
+    x, weight, bias = inputs((4, 3, 5), device=device)
+    running_mean = torch.zeros(3, dtype=x.dtype, device=device)
+    running_var = torch.ones(3, dtype=x.dtype, device=device)
 
     def fn(x, weight, bias):
         return lpnorm.functional.batch_norm(x, running_mean, running_var, weight, bias,
@@ -54,11 +57,12 @@ def test_gradcheck_training_with_running_stats(norm_kwargs):
 
 @pytest.mark.parametrize("norm_kwargs", [dict(norm="l1"), dict(norm="linf"), dict(norm="range")],
                          ids=norm_id)
-def test_gradcheck_eval_with_running_stats(norm_kwargs):
+@devices_param()
+def test_gradcheck_eval_with_running_stats(norm_kwargs, device):
     """Eval mode: y = (x - running_mean) / sqrt(running_var + eps) * weight + bias."""
-    x, weight, bias = inputs((4, 3, 5))
-    running_mean = torch.randn(3, dtype=x.dtype)
-    running_var = torch.rand(3, dtype=x.dtype) + 0.5
+    x, weight, bias = inputs((4, 3, 5), device=device)
+    running_mean = torch.randn(3, dtype=x.dtype).to(device)
+    running_var = (torch.rand(3, dtype=x.dtype) + 0.5).to(device)
 
     def fn(x, weight, bias):
         return lpnorm.functional.batch_norm(x, running_mean, running_var, weight, bias,
@@ -82,21 +86,21 @@ def test_gradcheck_reference(norm_kwargs, shape):
 
 def op_args(shape=(4, 3, 5), dtype=torch.float32, training=True, running_stats=True,
             affine=True, layout=None, requires_grad=False, norm="l1", k=10, p=2.0, chunks=1,
-            constant="exact", momentum=0.1, eps=1e-5):
+            constant="exact", momentum=0.1, eps=1e-5, device="cpu"):
     """Arguments of torch.ops.lpnorm.batch_norm / batch_norm_forward, in schema order."""
     C = shape[1]
-    x = torch.randn(shape, dtype=dtype)
+    x = torch.randn(shape, dtype=dtype).to(device)
     if layout is not None:
         x = layout(x)
-    weight = torch.rand(C, dtype=dtype) + 0.5 if affine else None
-    bias = torch.randn(C, dtype=dtype) if affine else None
+    weight = (torch.rand(C, dtype=dtype) + 0.5).to(device) if affine else None
+    bias = torch.randn(C, dtype=dtype).to(device) if affine else None
     if requires_grad:
         x.requires_grad_()
         if affine:
             weight.requires_grad_()
             bias.requires_grad_()
-    running_mean = torch.randn(C, dtype=dtype) if running_stats else None
-    running_var = torch.rand(C, dtype=dtype) + 0.5 if running_stats else None
+    running_mean = torch.randn(C, dtype=dtype).to(device) if running_stats else None
+    running_var = (torch.rand(C, dtype=dtype) + 0.5).to(device) if running_stats else None
     return (x, weight, bias, running_mean, running_var, training, momentum, eps, norm, k, p,
             chunks, constant)
 
@@ -121,22 +125,25 @@ OP_SAMPLES = {
 
 
 @pytest.mark.parametrize("sample", list(OP_SAMPLES))
-def test_opcheck_batch_norm(sample):
-    args = op_args(requires_grad=True, **OP_SAMPLES[sample])
+@devices_param()
+def test_opcheck_batch_norm(sample, device):
+    args = op_args(requires_grad=True, device=device, **OP_SAMPLES[sample])
     torch.library.opcheck(torch.ops.lpnorm.batch_norm.default, args)
 
 
 @pytest.mark.parametrize("sample", list(OP_SAMPLES))
-def test_opcheck_batch_norm_forward(sample):
-    args = op_args(**OP_SAMPLES[sample])
+@devices_param()
+def test_opcheck_batch_norm_forward(sample, device):
+    args = op_args(device=device, **OP_SAMPLES[sample])
     torch.library.opcheck(torch.ops.lpnorm.batch_norm_forward.default, args)
 
 
 @pytest.mark.parametrize("sample", list(OP_SAMPLES))
-def test_opcheck_batch_norm_backward(sample):
+@devices_param()
+def test_opcheck_batch_norm_backward(sample, device):
     """Sample inputs are what batch_norm_forward saves for the backward."""
     kwargs = OP_SAMPLES[sample]
-    args = op_args(**kwargs)
+    args = op_args(device=device, **kwargs)
     x, weight, training, norm, p = args[0], args[1], args[5], args[8], args[10]
     _, *saved = torch.ops.lpnorm.batch_norm_forward(*args)
     grad_output = torch.randn_like(x)
@@ -144,9 +151,10 @@ def test_opcheck_batch_norm_backward(sample):
     torch.library.opcheck(torch.ops.lpnorm.batch_norm_backward.default, backward_args)
 
 
-def test_backward_op_is_the_gradient():
+@devices_param()
+def test_backward_op_is_the_gradient(device):
     """batch_norm_backward, fed what batch_norm_forward saved, returns the autograd gradients."""
-    args = op_args(dtype=torch.float64, norm="topk", k=3, running_stats=False)
+    args = op_args(dtype=torch.float64, norm="topk", k=3, running_stats=False, device=device)
     x, weight, bias = (t.clone().requires_grad_() for t in args[:3])
     y = torch.ops.lpnorm.batch_norm(x, weight, bias, *args[3:])
     grad_output = torch.randn_like(y)

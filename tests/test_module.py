@@ -8,7 +8,7 @@ from torch import nn
 
 import lpnorm
 import reference
-from conftest import NORMS, assert_close, batch, norms_param
+from conftest import NORMS, assert_close, batch, devices_param, norms_param
 
 KINDS = {  # name: (lpnorm module, torch module, an input shape with 4 channels, m >= 20)
     "1d": (lpnorm.nn.LpBatchNorm1d, nn.BatchNorm1d, (20, 4)),
@@ -78,14 +78,17 @@ def test_device_and_dtype_arguments(kind, dtype):
 
 @norms_param()
 @kinds_param
-def test_eval_is_torch_batch_norm_with_the_same_buffers(norm_kwargs, kind):
+@devices_param()
+def test_eval_is_torch_batch_norm_with_the_same_buffers(norm_kwargs, kind, device):
     lp_cls, torch_cls, shape = KINDS[kind]
     bn = trained_torch_module(torch_cls, shape).eval()
     lp = lp_cls(4, **norm_kwargs)
     lp.load_state_dict(bn.state_dict())
-    lp.eval()
+    lp.eval().to(device)
     x = batch(shape, torch.float32, step=5)
-    assert_close(lp(x), bn(x).double())
+    y = lp(x.to(device))
+    assert y.device.type == torch.device(device).type
+    assert_close(y, bn(x).double())
 
 
 @pytest.mark.parametrize("norm_kwargs", [dict(norm="linf"), dict(norm="topk", k=3, chunks=2)])
@@ -110,7 +113,8 @@ def test_lp_state_dict_loads_into_torch(norm_kwargs):
                          ids=lambda n: "-".join(map(str, n.values())))
 @kinds_param
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
-def test_training_updates_running_stats(norm_kwargs, kind, momentum):
+@devices_param()
+def test_training_updates_running_stats(norm_kwargs, kind, momentum, device):
     """Per step: the output is the reference's with batch statistics, running_mean / running_var
     follow SPEC §2 (momentum=None: the cumulative average), num_batches_tracked counts; eval
     forwards use the running statistics and do not count."""
@@ -120,13 +124,14 @@ def test_training_updates_running_stats(norm_kwargs, kind, momentum):
         lp.weight.uniform_(0.5, 1.5)
         lp.bias.normal_()
     ref_mean, ref_var = lp.running_mean.clone(), lp.running_var.clone()
+    weight, bias = lp.weight.detach().clone(), lp.bias.detach().clone()  # the reference's, on the CPU
+    lp.to(device)
     for step in range(1, 4):
         x = batch(shape, torch.float32, step)
-        y = lp(x)
+        y = lp(x.to(device))
         f = 1.0 / step if momentum is None else momentum
-        expected = reference.batch_norm(x, ref_mean, ref_var, lp.weight.detach(),
-                                        lp.bias.detach(), training=True, momentum=f,
-                                        **norm_kwargs)
+        expected = reference.batch_norm(x, ref_mean, ref_var, weight, bias, training=True,
+                                        momentum=f, **norm_kwargs)
         assert_close(y.detach(), expected, what="output")
         assert_close(lp.running_mean, ref_mean, what="running_mean")
         assert_close(lp.running_var, ref_var, what="running_var")
@@ -134,9 +139,8 @@ def test_training_updates_running_stats(norm_kwargs, kind, momentum):
 
     lp.eval()
     x = batch(shape, torch.float32, 7)
-    expected = reference.batch_norm(x, ref_mean, ref_var, lp.weight.detach(), lp.bias.detach(),
-                                    training=False)
-    assert_close(lp(x).detach(), expected, what="eval output")
+    expected = reference.batch_norm(x, ref_mean, ref_var, weight, bias, training=False)
+    assert_close(lp(x.to(device)).detach(), expected, what="eval output")
     assert lp.num_batches_tracked.item() == 3
 
 

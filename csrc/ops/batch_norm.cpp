@@ -115,7 +115,9 @@ core::NormSpec check_forward(const Tensor& input, const OptionalTensor& weight, 
                     "running_var must be given together");
   TORCH_CHECK_VALUE(training || defined(running_mean), "lpnorm.batch_norm: running_mean and running_var ",
                     "must be defined when training=False (evaluation uses running statistics)");
-  const int64_t count = input.numel() / input.size(1);
+  // m = N * prod(spatial), from the sizes: numel / C would divide by zero when C == 0.
+  int64_t count = input.size(0);
+  for (int64_t d = 2; d < input.dim(); ++d) count *= input.size(d);
   if (training) {
     TORCH_CHECK_VALUE(count != 1, "Expected more than 1 value per channel when training, got input size ",
                       input.sizes());
