@@ -165,6 +165,44 @@ def test_ties_go_to_the_lowest_index_across_tiles(isa, schedule, layout, norm_kw
     check(x, norm_kwargs, steps=1)
 
 
+# Channels-innermost extremes go through per-lane lists (a vector of channels inserted at
+# once) in tiles of 64 channels: 150 channels leave a partial tile and a partial vector; k close
+# to m fills the lists from the first rows; chunks restart them mid-tile.
+LANE_NORMS = [dict(norm="linf"), dict(norm="topk", k=10), dict(norm="topk", k=23), dict(norm="topk", k=5, chunks=4),
+              dict(norm="range", chunks=2), dict(norm="linf", chunks=8)]
+LANE_IDS = ["linf", "topk10", "topk-k23-of-24", "topk-k5-chunks4", "range-chunks2", "linf-chunks8"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm_kwargs", LANE_NORMS, ids=LANE_IDS)
+def test_channels_innermost_extremes_in_lanes(isa, schedule, norm_kwargs, dtype):
+    """Few rows, many channels ((N, C) and channels-last), integer data so the extremes tie
+    many times: the lists keep the lowest indices, as the reference's stable sort."""
+    x = torch.randint(-3, 4, (24, 150)).to(dtype)
+    check(x, norm_kwargs, steps=1)
+    check(channels_last(torch.randint(-3, 4, (8, 70, 3, 1)).to(dtype)), norm_kwargs, steps=1)
+    check(batch((24, 150), dtype), norm_kwargs, steps=1)
+
+
+@pytest.mark.parametrize("norm_kwargs", LANE_NORMS, ids=LANE_IDS)
+def test_channels_innermost_nan_stays_in_its_channel(isa, norm_kwargs):
+    """A NaN never enters a lane's list; its channel's output is NaN, the others are exact."""
+    x = batch((24, 150), torch.float32)
+    x[5, 7] = math.nan
+    x[23, 140] = math.nan
+    good = [c for c in range(150) if c not in (7, 140)]
+    xi = x.clone().requires_grad_()
+    y = lpnorm.functional.batch_norm(xi, None, None, training=True, **norm_kwargs)
+    grad = torch.randn(y.shape)
+    y.backward(grad)
+    assert y[:, 7].isnan().all() and y[:, 140].isnan().all()
+    ry, gx, _, _ = reference.forward_backward(x[:, good], None, None, torch.ones(len(good), dtype=torch.float64),
+                                              torch.zeros(len(good), dtype=torch.float64), grad[:, good],
+                                              training=True, momentum=0.1, eps=1e-5, **norm_kwargs)
+    assert_close(y[:, good], ry, what="output of the other channels")
+    assert_close(xi.grad[:, good], gx, what="grad of input, other channels")
+
+
 @pytest.mark.parametrize("layout", [contiguous, channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("norm", ["l2", "l1"])
 def test_sums_stay_accurate_for_ten_million_floats(isa, layout, norm):

@@ -105,6 +105,7 @@ constexpr int64_t kMinTasks = 16;          // channel-major: cut channels into r
 constexpr int64_t kMinPartElements = 16384;
 constexpr int64_t kBlockElements = 65536;  // channels-innermost: elements per row block
 constexpr int64_t kMaxBlocks = 16;  // each block restarts the top-k lists: keep few
+constexpr int64_t kChannelSpan = 64;  // channels-innermost: channels per tile (a multiple of every W)
 
 struct Plan {
   bool fused = false;
@@ -123,8 +124,15 @@ Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64_t stre
     plan.part.push_back(part);
   };
   if (cpu::walk_of(l) == cpu::Walk::ChannelsInnermost) {
-    plan.parts = std::clamp<int64_t>(l.C * m / kBlockElements, 1, std::min<int64_t>(kMaxBlocks, std::max<int64_t>(m, 1)));
-    for (int64_t p = 0; p < plan.parts; ++p) add(0, l.C, p);
+    // Tiles of kChannelSpan channels over all rows where there are enough of them (no partial
+    // statistics to combine), else row blocks as well.
+    const int64_t spans = (l.C + kChannelSpan - 1) / kChannelSpan;
+    const int64_t blocks = (kMinTasks + spans - 1) / spans;
+    plan.parts = std::clamp<int64_t>(std::min(blocks, l.C * m / kBlockElements), 1,
+                                     std::min<int64_t>(kMaxBlocks, std::max<int64_t>(m, 1)));
+    for (int64_t c = 0; c < l.C; c += kChannelSpan) {
+      for (int64_t p = 0; p < plan.parts; ++p) add(c, std::min(l.C, c + kChannelSpan), p);
+    }
     return plan;
   }
   if (l.C < kMinTasks && forced != Forced::Fused) {
