@@ -149,6 +149,7 @@ struct Io<float> {
     return v;
   }
   LPNORM_INLINE static void store(float* p, VF v) { std::memcpy(p, &v, sizeof v); }
+  LPNORM_INLINE static VF bits(VF v) { return v; }
 };
 
 template <>
@@ -160,6 +161,7 @@ struct Io<double> {
     return v;
   }
   LPNORM_INLINE static void store(double* p, VD v) { std::memcpy(p, &v, sizeof v); }
+  LPNORM_INLINE static VD bits(VD v) { return v; }
 };
 
 template <>
@@ -179,11 +181,14 @@ struct Io<BFloat16> {
 #endif
   }
   // Round to nearest-even; NaN stays a quiet NaN (BFloat16::from_float, lane-wise).
-  LPNORM_INLINE static void store(BFloat16* p, VF v) {
+  LPNORM_INLINE static VU16 bits(VF v) {
     const VU32 u = reinterpret_cast<VU32>(v);
     const VU32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const VU32 bits = (u & 0x7fffffffu) > 0x7f800000u ? ((u >> 16) | 0x40u) : rounded;
-    const VU16 h = __builtin_convertvector(bits, VU16);
+    const VU32 b = (u & 0x7fffffffu) > 0x7f800000u ? ((u >> 16) | 0x40u) : rounded;
+    return __builtin_convertvector(b, VU16);
+  }
+  LPNORM_INLINE static void store(BFloat16* p, VF v) {
+    const VU16 h = bits(v);
     std::memcpy(p, &h, sizeof h);
   }
 };
@@ -203,16 +208,24 @@ struct Io<Half> {
 #endif
   }
   LPNORM_INLINE static void store(Half* p, VF v) {
-#if defined(__AVX512F__)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                        _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#elif defined(__AVX2__)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                     _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#if defined(__AVX512F__) || defined(__AVX2__)
+    const VU16 h = bits(v);
+    std::memcpy(p, &h, sizeof h);
 #else
     for (int i = 0; i < Simd<float>::W; ++i) p[i] = Half::from_float(v[i]);
 #endif
   }
+#if defined(__AVX512F__)
+  LPNORM_INLINE static VU16 bits(VF v) {
+    return reinterpret_cast<VU16>(
+        _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#elif defined(__AVX2__)
+  LPNORM_INLINE static VU16 bits(VF v) {
+    return reinterpret_cast<VU16>(
+        _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#endif
 };
 
 template <typename T>
@@ -287,6 +300,37 @@ LPNORM_INLINE void store_run(T* p, int64_t stride, int n, VecOf<T> v) {
   T buffer[W];
   Io<T>::store(buffer, v);
   for (int i = 0; i < n; ++i) p[i * stride] = buffer[i];
+}
+
+// A whole vector at p; with `stream`, a non-temporal store where p is aligned to the vector
+// (the output then does not evict x, and skips the read-for-ownership of its lines).
+template <typename T>
+LPNORM_INLINE void store_vector(T* p, VecOf<T> v, bool stream) {
+#if defined(__AVX2__) || defined(__AVX512F__)
+  const auto b = Io<T>::bits(v);
+  if (stream && reinterpret_cast<uintptr_t>(p) % sizeof(b) == 0) {
+    if constexpr (sizeof(b) == 64) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), reinterpret_cast<__m512i>(b));
+    } else if constexpr (sizeof(b) == 32) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(b));
+    } else {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(p), reinterpret_cast<__m128i>(b));
+    }
+    return;
+  }
+#else
+  (void)stream;
+#endif
+  Io<T>::store(p, v);
+}
+
+// Orders this thread's non-temporal stores before whatever it stores next.
+LPNORM_INLINE void stream_fence(bool stream) {
+#if defined(__AVX2__) || defined(__AVX512F__)
+  if (stream) _mm_sfence();
+#else
+  (void)stream;
+#endif
 }
 
 // ---------------------------------------------------------------------------------------
@@ -690,7 +734,7 @@ struct GradApplyOp {  // scale_g * g + scale_phi * phi(x - mean) + offset
 // params(c, j): the j-th of the four per-channel parameters of channel c.
 template <typename T, typename Op, typename Params>
 void map_channel_major(const Layout& l, const Tile& t, const T* x, const T* g, T* out, const Params& params,
-                       const Op& op) {
+                       const Op& op, bool stream) {
   using A = AccOf<T>;
   using V = VecOf<T>;
   constexpr int W = kLanes<T>;
@@ -702,6 +746,21 @@ void map_channel_major(const Layout& l, const Tile& t, const T* x, const T* g, T
       const T* pg = g != nullptr ? g + offset : nullptr;
       T* po = out + offset;
       int64_t i = 0;
+      if (stream && stride == 1) {  // a partial vector up to the first aligned store
+        const auto address = reinterpret_cast<uintptr_t>(po);
+        constexpr uintptr_t kAlign = W * sizeof(T);
+        if (address % sizeof(T) == 0 && address % kAlign != 0) {
+          i = std::min<int64_t>(length, static_cast<int64_t>((kAlign - address % kAlign) / sizeof(T)));
+          const V gv = pg != nullptr ? load_run(pg, 1, static_cast<int>(i)) : V{};
+          store_run(po, 1, static_cast<int>(i), op(load_run(px, 1, static_cast<int>(i)), gv, k));
+        }
+      }
+      if (stream && stride == 1) {
+        for (; i + W <= length; i += W) {
+          const V gv = pg != nullptr ? Io<T>::load(pg + i) : V{};
+          store_vector(po + i, op(Io<T>::load(px + i), gv, k), true);
+        }
+      }
       for (; i + W <= length; i += W) {
         const V gv = pg != nullptr ? load_run(pg + i * stride, stride, W) : V{};
         store_run(po + i * stride, stride, W, op(load_run(px + i * stride, stride, W), gv, k));
@@ -713,11 +772,12 @@ void map_channel_major(const Layout& l, const Tile& t, const T* x, const T* g, T
       }
     });
   }
+  stream_fence(stream);
 }
 
 template <typename T, typename Op, typename Params>
 void map_channels_innermost(const Layout& l, const Tile& t, const T* x, const T* g, T* out, const Params& params,
-                            const Op& op) {
+                            const Op& op, bool stream) {
   using A = AccOf<T>;
   using V = VecOf<T>;
   constexpr int W = kLanes<T>;
@@ -735,25 +795,31 @@ void map_channels_innermost(const Layout& l, const Tile& t, const T* x, const T*
     T* po = out + row;
     for (int64_t gi = 0; gi + 1 < groups; ++gi) {
       const V gv = pg != nullptr ? Io<T>::load(pg + gi * W) : V{};
-      Io<T>::store(po + gi * W, op(Io<T>::load(px + gi * W), gv, &k[gi * 4]));
+      store_vector(po + gi * W, op(Io<T>::load(px + gi * W), gv, &k[gi * 4]), stream);
     }
     const int64_t gi = groups - 1;
     const V gv = pg != nullptr ? load_run(pg + gi * W, 1, tail) : V{};
-    store_run(po + gi * W, 1, tail, op(load_run(px + gi * W, 1, tail), gv, &k[gi * 4]));
+    const V v = op(load_run(px + gi * W, 1, tail), gv, &k[gi * 4]);
+    if (tail == W) {
+      store_vector(po + gi * W, v, stream);
+    } else {
+      store_run(po + gi * W, 1, tail, v);
+    }
   });
+  stream_fence(stream);
 }
 
 template <typename T, typename Op, typename Params>
 void map(const Layout& l, const Tile& t, const void* x, const void* g, void* out, const Params& params,
-         const Op& op) {
+         const Op& op, bool stream) {
   if (t.c_end <= t.c_begin || t.row_end <= t.row_begin) return;
   const T* px = static_cast<const T*>(x);
   const T* pg = static_cast<const T*>(g);
   T* po = static_cast<T*>(out);
   if (walk(l) == Walk::ChannelsInnermost) {
-    map_channels_innermost(l, t, px, pg, po, params, op);
+    map_channels_innermost(l, t, px, pg, po, params, op, stream);
   } else {
-    map_channel_major(l, t, px, pg, po, params, op);
+    map_channel_major(l, t, px, pg, po, params, op, stream);
   }
 }
 
@@ -820,7 +886,7 @@ void apply_affine(const AffineArgs& a, const Tile& t) {
   const auto params = [&a](int64_t c, int j) { return j == 0 ? a.mean[c] : j == 1 ? a.scale[c] : a.bias[c]; };
   with_element_type(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    map<T>(a.layout, t, a.x, nullptr, a.y, params, AffineOp{});
+    map<T>(a.layout, t, a.x, nullptr, a.y, params, AffineOp{}, a.stream);
   });
 }
 
@@ -843,7 +909,8 @@ void apply_grad(const GradApplyArgs& a, const Tile& t) {
     using T = decltype(tag);
     using A = AccOf<T>;
     with_phi(a.phi, [&](auto phi) {
-      map<T>(a.layout, t, a.x, a.grad, a.grad_x, params, GradApplyOp<phi.value, A>{static_cast<A>(a.power)});
+      map<T>(a.layout, t, a.x, a.grad, a.grad_x, params, GradApplyOp<phi.value, A>{static_cast<A>(a.power)},
+             a.stream);
     });
     // The sparse terms: recompute those few elements whole (in double), so they are
     // rounded once.

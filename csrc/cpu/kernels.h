@@ -63,6 +63,7 @@ struct AffineArgs {
   const double* mean;             // [C]
   const double* scale;            // [C], invstd * weight
   const double* bias;             // [C]
+  bool stream = false;            // non-temporal stores: y is far bigger than the caches
 };
 
 struct GradReduceArgs {
@@ -88,6 +89,7 @@ struct GradApplyArgs {
   const int64_t* sparse_index;    // [C][sparse_per_channel], flat n * S + s
   const double* sparse_coef;      // [C][sparse_per_channel]
   int64_t sparse_per_channel;
+  bool stream = false;            // non-temporal stores: grad_x is far bigger than the caches
 };
 
 // How a layout is walked: along each channel's contiguous spatial run (NCHW and anything
