@@ -231,6 +231,25 @@ def test_sums_stay_accurate_for_ten_million_floats(isa, layout, norm):
     assert ((running_var.double() - sigma ** 2 * m / (m - 1)).abs() <= 2e-6 * sigma ** 2).all(), (running_var, sigma)
 
 
+@pytest.mark.parametrize("layout", [contiguous, channels_last], ids=["nchw", "nhwc"])
+def test_l2_one_pass_keeps_the_variance_accurate(isa, schedule, layout):
+    """l2 sums x - p and (x - p)^2 in one pass, p the mean of a channel's first 8 elements. A
+    channel whose p is far from its mean (sorted values, an outlier first) goes to the deviation
+    pass instead; either way mean and variance stay near float64 (mean 1000, spread 1)."""
+    x = torch.randn(64, 4, 30, 30, dtype=torch.float64) + 1000.0
+    x[:, 1] = x[:, 1].flatten().sort().values.view(64, 30, 30)  # first elements far below the mean
+    x[0, 2, 0, 0] = 2000.0  # an outlier first
+    x[:, 3] = 7.0  # constant: zero spread
+    x = layout(x.float())
+    running_mean, running_var = torch.zeros(4), torch.ones(4)
+    y = lpnorm.functional.batch_norm(x, running_mean, running_var, training=True, momentum=1.0, norm="l2")
+    rows = x.double().transpose(0, 1).reshape(4, -1)
+    mu, var = rows.mean(1), rows.var(1)
+    assert ((running_mean.double() - mu).abs() <= 2e-7 * mu.abs()).all(), (running_mean, mu)
+    assert ((running_var.double() - var).abs() <= 2e-6 * var + 1e-30).all(), (running_var, var)
+    assert_close(y, reference.batch_norm(x, None, None, None, None, training=True, norm="l2"), what="output")
+
+
 def allocated_bytes(fn):
     """Bytes allocated while fn runs (CPU allocator, every op), from the profiler."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:

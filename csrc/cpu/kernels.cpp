@@ -399,6 +399,15 @@ struct SumOp {
   }
 };
 
+struct ShiftedSumsOp {  // around a pivot close to the mean, so the squares barely cancel
+  template <typename V>
+  LPNORM_INLINE void operator()(V x, V, V pivot, V& s0, V& s1) const {
+    const V d = x - pivot;
+    s0 += d;
+    s1 += d * d;
+  }
+};
+
 struct GradSumsOp {
   template <typename V>
   LPNORM_INLINE void operator()(V x, V g, V mean, V& s0, V& s1) const {
@@ -858,7 +867,21 @@ void collect_stats(const StatsArgs& a, const Tile& t) {
   if (t.row_end <= t.row_begin) return;
   with_element_type(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (a.per_end > 0) {
+    if (a.pivot != nullptr) {
+      // Every tile of a channel picks the same pivot: the mean of its first (flat) elements,
+      // rounded to the accumulation type the pass subtracts it in.
+      const Layout& l = a.layout;
+      const T* x = static_cast<const T*>(a.x);
+      const int64_t first = std::min<int64_t>(l.count(), 8);
+      for (int64_t c = t.c_begin; c < t.c_end; ++c) {
+        double total = 0;
+        for (int64_t f = 0; f < first; ++f) {
+          total += static_cast<double>(core::Element<T>::load(x[l.offset(f / l.S, c, f % l.S)]));
+        }
+        a.pivot[c] = static_cast<double>(static_cast<AccOf<T>>(first > 0 ? total / static_cast<double>(first) : 0.0));
+      }
+      reduce<T>(a.layout, t, a.x, nullptr, a.pivot, ShiftedSumsOp{}, NoExtremes{}, a.sum, a.sum_sq);
+    } else if (a.per_end > 0) {
       const Extremes<AccOf<T>> ext{a.largest, a.smallest, a.chunks, a.per_end, a.layout.count() / a.chunks};
       reduce<T>(a.layout, t, a.x, nullptr, nullptr, SumOp{}, ext, a.sum, nullptr);
     } else {

@@ -220,10 +220,37 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
     const int64_t buffers = plan.fused ? 1 : plan.parts;
     std::vector<double> sum(buffers * channels), deviation(buffers * channels), phi(buffers * channels);
     std::vector<core::Candidate> largest(buffers * channels * lists), smallest(largest.size());
+    // l2 in one pass: sums of x - p and (x - p)^2 around a pivot p near the mean.
+    const bool shifted = spec.kind == core::NormKind::L2;
+    std::vector<double> pivot(shifted ? buffers * channels : 0), sum_sq(pivot.size());
 
     auto stats_args = [&](int64_t part) -> cpu::StatsArgs {
-      return {layout, dtype, xp, spec.chunks, per_end, sum.data() + part * channels,
-              largest.data() + part * channels * lists, smallest.data() + part * channels * lists};
+      return {layout,
+              dtype,
+              xp,
+              spec.chunks,
+              per_end,
+              sum.data() + part * channels,
+              largest.data() + part * channels * lists,
+              smallest.data() + part * channels * lists,
+              shifted ? pivot.data() + part * channels : nullptr,
+              shifted ? sum_sq.data() + part * channels : nullptr};
+    };
+    auto channel_mean = [&](int64_t c) {
+      if (m == 0) return 0.0;
+      return shifted ? pivot[c] + sum[c] / static_cast<double>(m) : sum[c] / static_cast<double>(m);
+    };
+    // sum d^2 = sum (x - p)^2 - (sum (x - p))^2 / m, kept where that loses at most 2 bits (the
+    // shift p - mean at most sqrt(3) sigma; with p the mean of 8 elements, a Gaussian channel
+    // fails once in 10^6); false sends the channel to the deviation pass.
+    auto one_pass_deviation = [&](int64_t c) {
+      if (!shifted || m == 0) return false;
+      const double shift = sum[c] / static_cast<double>(m);
+      const double squares = sum_sq[c] - sum[c] * shift;
+      if (!(squares >= 0 && shift * shift * static_cast<double>(m) <= 3 * squares)) return false;  // NaN too
+      deviation[c] = squares;
+      phi[c] = 0;
+      return true;
     };
     auto deviation_args = [&](int64_t part) -> cpu::DeviationArgs {
       return {layout, dtype, xp, mean.data(), spec.phi(), spec.deviation_power(),
@@ -234,7 +261,7 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
     auto finish = [&](int64_t c, core::Deviation* pool) {
       core::ChannelSums sums;
       sums.count = m;
-      sums.sum = sum[c];
+      sums.sum = shifted ? mean[c] * static_cast<double>(m) : sum[c];  // l2's sum is shifted
       sums.deviation_sum = deviation[c];
       sums.phi_sum = phi[c];
       sums.largest = largest.data() + c * lists;
@@ -255,8 +282,8 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
         for (int64_t c = begin; c < end; ++c) {
           const Tile t{c, c + 1, 0, m};
           kernels.collect_stats(stats_args(0), t);
-          mean[c] = m > 0 ? sum[c] / static_cast<double>(m) : 0.0;
-          if (dense) kernels.collect_deviations(deviation_args(0), t);
+          mean[c] = channel_mean(c);
+          if (dense && !one_pass_deviation(c)) kernels.collect_deviations(deviation_args(0), t);
           finish(c, pool.data());
           affine(t);
         }
@@ -264,10 +291,15 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
     } else {
       for_each_tile(plan, [&](const Tile& t, int64_t part) { kernels.collect_stats(stats_args(part), t); });
       combine_sums(sum, channels, plan.parts);
+      if (shifted) combine_sums(sum_sq, channels, plan.parts);
       if (per_end > 0) combine_extremes(largest, channels, plan.parts, lists, per_end);
       if (per_end > 0) combine_extremes(smallest, channels, plan.parts, lists, per_end);
-      for (int64_t c = 0; c < channels; ++c) mean[c] = m > 0 ? sum[c] / static_cast<double>(m) : 0.0;
-      if (dense) {
+      bool one_pass = shifted;
+      for (int64_t c = 0; c < channels; ++c) {
+        mean[c] = channel_mean(c);
+        one_pass = one_pass_deviation(c) && one_pass;
+      }
+      if (dense && !one_pass) {
         for_each_tile(plan, [&](const Tile& t, int64_t part) { kernels.collect_deviations(deviation_args(part), t); });
         combine_sums(deviation, channels, plan.parts);
         combine_sums(phi, channels, plan.parts);
