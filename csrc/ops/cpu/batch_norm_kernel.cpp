@@ -135,11 +135,14 @@ Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64_t stre
   };
   if (cpu::walk_of(l) == cpu::Walk::ChannelsInnermost) {
     // Tiles of kChannelSpan channels over all rows where there are enough of them (no partial
-    // statistics to combine), else row blocks as well.
+    // statistics to combine), else row blocks as well. Whole spans that fit the L2 run fused
+    // like channel-major channels ((N, C) inputs with few rows).
     const int64_t spans = (l.C + kChannelSpan - 1) / kChannelSpan;
     const int64_t blocks = (kMinTasks + spans - 1) / spans;
     plan.parts = std::clamp<int64_t>(std::min(blocks, l.C * m / kBlockElements), 1,
                                      std::min<int64_t>(kMaxBlocks, std::max<int64_t>(m, 1)));
+    const bool span_fits = m * std::min(l.C, kChannelSpan) * element_bytes * streams <= l2_cache_bytes() * 7 / 8;
+    plan.fused = plan.parts == 1 && forced != Forced::Split && (span_fits || forced == Forced::Fused);
     for (int64_t c = 0; c < l.C; c += kChannelSpan) {
       for (int64_t p = 0; p < plan.parts; ++p) add(c, std::min(l.C, c + kChannelSpan), p);
     }
@@ -276,17 +279,20 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       unbiased[c] = stats.unbiased_var;
     };
 
-    if (plan.fused) {
-      cpu_parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
-        std::vector<core::Deviation> pool(static_cast<size_t>(core::deviation_scratch_size(spec)));
-        for (int64_t c = begin; c < end; ++c) {
-          const Tile t{c, c + 1, 0, m};
-          kernels.collect_stats(stats_args(0), t);
+    if (plan.fused) {  // every pass of a tile (one channel, or a span of channels) while in cache
+      const int64_t scratch = core::deviation_scratch_size(spec);
+      for_each_tile(plan, [&](const Tile& t, int64_t) {
+        kernels.collect_stats(stats_args(0), t);
+        bool one_pass = shifted;
+        for (int64_t c = t.c_begin; c < t.c_end; ++c) {
           mean[c] = channel_mean(c);
-          if (dense && !one_pass_deviation(c)) kernels.collect_deviations(deviation_args(0), t);
-          finish(c, pool.data());
-          affine(t);
+          one_pass = one_pass_deviation(c) && one_pass;
         }
+        if (dense && !one_pass) kernels.collect_deviations(deviation_args(0), t);
+        core::Deviation pool_on_stack[64];
+        std::vector<core::Deviation> pool_on_heap(scratch > 64 ? scratch : 0);
+        for (int64_t c = t.c_begin; c < t.c_end; ++c) finish(c, scratch > 64 ? pool_on_heap.data() : pool_on_stack);
+        affine(t);
       });
     } else {
       for_each_tile(plan, [&](const Tile& t, int64_t part) { kernels.collect_stats(stats_args(part), t); });
@@ -377,13 +383,10 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
   };
 
   if (plan.fused) {
-    cpu_parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const Tile t{c, c + 1, 0, m};
-        reduce(t, 0);
-        finish(c);
-        apply(t);
-      }
+    for_each_tile(plan, [&](const Tile& t, int64_t) {
+      reduce(t, 0);
+      for (int64_t c = t.c_begin; c < t.c_end; ++c) finish(c);
+      apply(t);
     });
   } else {
     for_each_tile(plan, reduce);
