@@ -253,6 +253,30 @@ def test_l2_one_pass_keeps_the_variance_accurate(isa, schedule, layout):
     assert_close(y, reference.batch_norm(x, None, None, None, None, training=True, norm="l2"), what="output")
 
 
+@pytest.mark.parametrize("norm_kwargs", [dict(norm="l2"), dict(norm="l1"), dict(norm="topk", k=10),
+                                         dict(norm="linf", chunks=2)], ids=["l2", "l1", "topk", "linf-chunks2"])
+@pytest.mark.parametrize("shape,layout", [((24, 150), contiguous), ((256, 1024), contiguous),
+                                          ((8, 64, 32, 32), channels_last), ((8, 2, 128, 128), contiguous),
+                                          ((16, 24, 10, 10), contiguous)],
+                         ids=["2d-spans", "2d-wide", "nhwc-row-blocks", "nchw-row-parts", "nchw-fused"])
+def test_bit_identical_at_one_and_two_threads(isa, shape, layout, norm_kwargs):
+    """The schedule comes from the shape alone: output, gradients and running statistics are
+    the same bits whatever the thread count."""
+    x = layout(batch(shape, torch.float32))
+    grad = layout(torch.randn(shape))
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        xi = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+        w, b = torch.ones(shape[1], requires_grad=True), torch.zeros(shape[1], requires_grad=True)
+        rm, rv = torch.zeros(shape[1]), torch.ones(shape[1])
+        y = lpnorm.functional.batch_norm(xi, rm, rv, w, b, training=True, **norm_kwargs)
+        y.backward(grad)
+        results.append([y, xi.grad, w.grad, b.grad, rm, rv])
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
 def allocated_bytes(fn):
     """Bytes allocated while fn runs (CPU allocator, every op), from the profiler."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
