@@ -242,11 +242,12 @@ LPNORM_INLINE VecOf<T> load_first(const T* p, int n) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) return reinterpret_cast<VF>(_mm512_maskz_loadu_ps((1u << n) - 1, p));
   if constexpr (std::is_same_v<T, double>) return reinterpret_cast<VD>(_mm512_maskz_loadu_pd((1u << n) - 1, p));
-  if constexpr (sizeof(T) == 2) {
+  if constexpr (std::is_same_v<T, BFloat16>) {  // widen in registers: a tail in every short plane
     const __m256i bits = _mm256_maskz_loadu_epi16((1u << n) - 1, p);
-    T buffer[16];
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(buffer), bits);
-    return Io<T>::load(buffer);
+    return reinterpret_cast<VF>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  }
+  if constexpr (std::is_same_v<T, Half>) {
+    return reinterpret_cast<VF>(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16((1u << n) - 1, p)));
   }
 #elif defined(__AVX2__)
   if constexpr (std::is_same_v<T, float>) {
@@ -269,6 +270,9 @@ LPNORM_INLINE void store_first(T* p, int n, VecOf<T> v) {
   if constexpr (std::is_same_v<T, float>) return _mm512_mask_storeu_ps(p, (1u << n) - 1, reinterpret_cast<__m512>(v));
   if constexpr (std::is_same_v<T, double>) {
     return _mm512_mask_storeu_pd(p, (1u << n) - 1, reinterpret_cast<__m512d>(v));
+  }
+  if constexpr (sizeof(T) == 2) {  // round in registers, store the n halves with a mask
+    return _mm256_mask_storeu_epi16(p, (1u << n) - 1, reinterpret_cast<__m256i>(Io<T>::bits(v)));
   }
 #elif defined(__AVX2__)
   if constexpr (std::is_same_v<T, float>) {
