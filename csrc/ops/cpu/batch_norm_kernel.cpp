@@ -289,7 +289,7 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
           one_pass = one_pass_deviation(c) && one_pass;
         }
         if (dense && !one_pass) kernels.collect_deviations(deviation_args(0), t);
-        core::Deviation pool_on_stack[64];
+        core::Deviation pool_on_stack[64];  // the top-k pick's scratch (2k entries): no allocation up to k = 32
         std::vector<core::Deviation> pool_on_heap(scratch > 64 ? scratch : 0);
         for (int64_t c = t.c_begin; c < t.c_end; ++c) finish(c, scratch > 64 ? pool_on_heap.data() : pool_on_stack);
         affine(t);
