@@ -99,11 +99,12 @@ LPNORM_INLINE uint32_t bitmask(VI64 m) {
 #endif
 }
 
+// One broadcast: a - 0 is a for every value (-0 and NaN included). (A lane-by-lane loop
+// compiled to one masked broadcast per lane in some callers.)
 template <typename V, typename A>
 LPNORM_INLINE V splat(A a) {
-  V v;
-  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(A)); ++i) v[i] = a;
-  return v;
+  using E = std::remove_reference_t<decltype(V{}[0])>;
+  return static_cast<E>(a) - V{};
 }
 
 // Lanes [0, n) set.
@@ -610,10 +611,14 @@ struct LaneLists {
     row[0] = beats ? r : row[0];
   }
   LPNORM_INLINE void offer(int64_t group, V x, int64_t r) {
-    const M rel = splat<M>(static_cast<decltype(M{}[0])>(r - base));
     const size_t at = static_cast<size_t>(group * 2 * per_end);
-    insert(values.data() + at, rows.data() + at, per_end, x, rel);
-    insert(values.data() + at + per_end, rows.data() + at + per_end, per_end, -x, rel);
+    V* up = values.data() + at;
+    V* down = up + per_end;
+    // One test for both ends: after the first rows most vectors beat neither k-th value.
+    if (bitmask((x > up[per_end - 1]) | (-x > down[per_end - 1])) == 0) return;
+    const M rel = splat<M>(static_cast<decltype(M{}[0])>(r - base));
+    insert(up, rows.data() + at, per_end, x, rel);
+    insert(down, rows.data() + at + per_end, per_end, -x, rel);
   }
   // Hands lanes [0, n) of `group` (channels c0 ...) to the tile's Candidate lists.
   template <typename Ext>
