@@ -122,6 +122,19 @@ def test_layouts_every_isa_and_schedule(isa, schedule, shape, layout, norm_kwarg
     check(x, norm_kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("norm_kwargs", [dict(norm="l2"), dict(norm="topk", k=3)], ids=["l2", "topk"])
+@pytest.mark.parametrize("shape,layout", CASES + [((2, 3, 64, 70), contiguous), ((2, 3, 64, 70), misaligned),
+                                                  ((3, 64, 5, 7), channels_last)],
+                         ids=CASE_IDS + ["long-runs", "long-runs-misaligned", "nhwc-64"])
+def test_non_temporal_stores(isa, shape, layout, dtype, norm_kwargs, monkeypatch):
+    """Large outputs are written with non-temporal stores, whole aligned cache lines of long
+    runs or channels-last rows only: forced here on small inputs, with runs long enough to
+    stream (at every alignment) and too short to."""
+    monkeypatch.setenv("LPNORM_CPU_STREAM", "1")
+    check(layout(batch(shape, dtype)), norm_kwargs, steps=1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("norm_kwargs", NORMS, ids=NORM_IDS)
 @pytest.mark.parametrize("shape,layout", [CASES[0], CASES[2], CASES[4]], ids=["nchw", "nhwc", "2d"])
@@ -165,6 +178,44 @@ def test_ties_go_to_the_lowest_index_across_tiles(isa, schedule, layout, norm_kw
     check(x, norm_kwargs, steps=1)
 
 
+# Channels-innermost extremes go through per-lane lists (a vector of channels inserted at
+# once) in tiles of 64 channels: 150 channels leave a partial tile and a partial vector; k close
+# to m fills the lists from the first rows; chunks restart them mid-tile.
+LANE_NORMS = [dict(norm="linf"), dict(norm="topk", k=10), dict(norm="topk", k=23), dict(norm="topk", k=5, chunks=4),
+              dict(norm="range", chunks=2), dict(norm="linf", chunks=8)]
+LANE_IDS = ["linf", "topk10", "topk-k23-of-24", "topk-k5-chunks4", "range-chunks2", "linf-chunks8"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm_kwargs", LANE_NORMS, ids=LANE_IDS)
+def test_channels_innermost_extremes_in_lanes(isa, schedule, norm_kwargs, dtype):
+    """Few rows, many channels ((N, C) and channels-last), integer data so the extremes tie
+    many times: the lists keep the lowest indices, as the reference's stable sort."""
+    x = torch.randint(-3, 4, (24, 150)).to(dtype)
+    check(x, norm_kwargs, steps=1)
+    check(channels_last(torch.randint(-3, 4, (8, 70, 3, 1)).to(dtype)), norm_kwargs, steps=1)
+    check(batch((24, 150), dtype), norm_kwargs, steps=1)
+
+
+@pytest.mark.parametrize("norm_kwargs", LANE_NORMS, ids=LANE_IDS)
+def test_channels_innermost_nan_stays_in_its_channel(isa, norm_kwargs):
+    """A NaN never enters a lane's list; its channel's output is NaN, the others are exact."""
+    x = batch((24, 150), torch.float32)
+    x[5, 7] = math.nan
+    x[23, 140] = math.nan
+    good = [c for c in range(150) if c not in (7, 140)]
+    xi = x.clone().requires_grad_()
+    y = lpnorm.functional.batch_norm(xi, None, None, training=True, **norm_kwargs)
+    grad = torch.randn(y.shape)
+    y.backward(grad)
+    assert y[:, 7].isnan().all() and y[:, 140].isnan().all()
+    ry, gx, _, _ = reference.forward_backward(x[:, good], None, None, torch.ones(len(good), dtype=torch.float64),
+                                              torch.zeros(len(good), dtype=torch.float64), grad[:, good],
+                                              training=True, momentum=0.1, eps=1e-5, **norm_kwargs)
+    assert_close(y[:, good], ry, what="output of the other channels")
+    assert_close(xi.grad[:, good], gx, what="grad of input, other channels")
+
+
 @pytest.mark.parametrize("layout", [contiguous, channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("norm", ["l2", "l1"])
 def test_sums_stay_accurate_for_ten_million_floats(isa, layout, norm):
@@ -181,6 +232,49 @@ def test_sums_stay_accurate_for_ten_million_floats(isa, layout, norm):
     # running stats are float32: allow their rounding (6e-8) and a little more
     assert ((running_mean.double() - mu).abs() <= 2e-7 * mu.abs()).all(), (running_mean, mu)
     assert ((running_var.double() - sigma ** 2 * m / (m - 1)).abs() <= 2e-6 * sigma ** 2).all(), (running_var, sigma)
+
+
+@pytest.mark.parametrize("layout", [contiguous, channels_last], ids=["nchw", "nhwc"])
+def test_l2_one_pass_keeps_the_variance_accurate(isa, schedule, layout):
+    """l2 sums x - p and (x - p)^2 in one pass, p the mean of a channel's first 8 elements. A
+    channel whose p is far from its mean (sorted values, an outlier first) goes to the deviation
+    pass instead; either way mean and variance stay near float64 (mean 1000, spread 1)."""
+    x = torch.randn(64, 4, 30, 30, dtype=torch.float64) + 1000.0
+    x[:, 1] = x[:, 1].flatten().sort().values.view(64, 30, 30)  # first elements far below the mean
+    x[0, 2, 0, 0] = 2000.0  # an outlier first
+    x[:, 3] = 7.0  # constant: zero spread
+    x = layout(x.float())
+    running_mean, running_var = torch.zeros(4), torch.ones(4)
+    y = lpnorm.functional.batch_norm(x, running_mean, running_var, training=True, momentum=1.0, norm="l2")
+    rows = x.double().transpose(0, 1).reshape(4, -1)
+    mu, var = rows.mean(1), rows.var(1)
+    assert ((running_mean.double() - mu).abs() <= 2e-7 * mu.abs()).all(), (running_mean, mu)
+    assert ((running_var.double() - var).abs() <= 2e-6 * var + 1e-30).all(), (running_var, var)
+    assert_close(y, reference.batch_norm(x, None, None, None, None, training=True, norm="l2"), what="output")
+
+
+@pytest.mark.parametrize("norm_kwargs", [dict(norm="l2"), dict(norm="l1"), dict(norm="topk", k=10),
+                                         dict(norm="linf", chunks=2)], ids=["l2", "l1", "topk", "linf-chunks2"])
+@pytest.mark.parametrize("shape,layout", [((24, 150), contiguous), ((256, 1024), contiguous),
+                                          ((8, 64, 32, 32), channels_last), ((8, 2, 128, 128), contiguous),
+                                          ((16, 24, 10, 10), contiguous)],
+                         ids=["2d-spans", "2d-wide", "nhwc-row-blocks", "nchw-row-parts", "nchw-fused"])
+def test_bit_identical_at_one_and_two_threads(isa, shape, layout, norm_kwargs):
+    """The schedule comes from the shape alone: output, gradients and running statistics are
+    the same bits whatever the thread count."""
+    x = layout(batch(shape, torch.float32))
+    grad = layout(torch.randn(shape))
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        xi = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+        w, b = torch.ones(shape[1], requires_grad=True), torch.zeros(shape[1], requires_grad=True)
+        rm, rv = torch.zeros(shape[1]), torch.ones(shape[1])
+        y = lpnorm.functional.batch_norm(xi, rm, rv, w, b, training=True, **norm_kwargs)
+        y.backward(grad)
+        results.append([y, xi.grad, w.grad, b.grad, rm, rv])
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
 
 
 def allocated_bytes(fn):

@@ -3,6 +3,7 @@
 //
 // Every norm goes through the same passes:
 //   collect_stats       sums and per-chunk extreme values           (one read of x)
+//                       (or, for l2, shifted sums of x and x^2 around a pivot)
 //   collect_deviations  sum |x - mean|^q and sum phi(x - mean)      (dense norms only)
 //   apply_affine        y = (x - mean) * scale + bias, per channel
 //   reduce_grad         sum g and sum g * (x - mean)
@@ -42,6 +43,10 @@ struct StatsArgs {
   double* sum;                    // [C]
   core::Candidate* largest;       // [C][chunks][per_end]
   core::Candidate* smallest;      // [C][chunks][per_end], values negated
+  // l2's one pass: with these, the pass picks a pivot p per channel (the mean of its first
+  // elements, written here), and `sum` gets sum (x - p), sum_sq sum (x - p)^2.
+  double* pivot = nullptr;        // [C]
+  double* sum_sq = nullptr;       // [C]
 };
 
 struct DeviationArgs {
@@ -63,6 +68,7 @@ struct AffineArgs {
   const double* mean;             // [C]
   const double* scale;            // [C], invstd * weight
   const double* bias;             // [C]
+  bool stream = false;            // non-temporal stores: y is far bigger than the caches
 };
 
 struct GradReduceArgs {
@@ -88,6 +94,7 @@ struct GradApplyArgs {
   const int64_t* sparse_index;    // [C][sparse_per_channel], flat n * S + s
   const double* sparse_coef;      // [C][sparse_per_channel]
   int64_t sparse_per_channel;
+  bool stream = false;            // non-temporal stores: grad_x is far bigger than the caches
 };
 
 // How a layout is walked: along each channel's contiguous spatial run (NCHW and anything

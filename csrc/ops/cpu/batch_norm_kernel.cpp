@@ -106,6 +106,17 @@ constexpr int64_t kMinTasks = 16;          // channel-major: cut channels into r
 constexpr int64_t kMinPartElements = 16384;
 constexpr int64_t kBlockElements = 65536;  // channels-innermost: elements per row block
 constexpr int64_t kMaxBlocks = 16;  // each block restarts the top-k lists: keep few
+constexpr int64_t kChannelSpan = 64;  // channels-innermost: channels per tile (a multiple of every W)
+
+// Outputs this big are written with non-temporal stores: they would not stay in the caches
+// anyway, and the stores skip reading the lines first. LPNORM_CPU_STREAM=0|1 forces it.
+constexpr int64_t kStreamBytes = int64_t{4} << 20;  // measured: helps from 4 MiB (float32, 2 MiB L2 in all)
+
+bool streams_output(const Tensor& x) {
+  const char* forced = std::getenv("LPNORM_CPU_STREAM");
+  if (forced != nullptr && *forced != '\0') return forced[0] == '1';
+  return static_cast<int64_t>(x.nbytes()) >= kStreamBytes;
+}
 
 struct Plan {
   bool fused = false;
@@ -117,6 +128,7 @@ struct Plan {
 // `streams`: full-size tensors a fused channel reads (x; or grad and x).
 Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64_t streams) {
   Plan plan;
+  if (l.C == 0) return plan;  // no channels, no tiles (and no division by C below)
   const int64_t m = l.count();
   const Forced forced = forced_schedule();
   auto add = [&](int64_t c_begin, int64_t c_end, int64_t part) {
@@ -124,8 +136,18 @@ Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64_t stre
     plan.part.push_back(part);
   };
   if (cpu::walk_of(l) == cpu::Walk::ChannelsInnermost) {
-    plan.parts = std::clamp<int64_t>(l.C * m / kBlockElements, 1, std::min<int64_t>(kMaxBlocks, std::max<int64_t>(m, 1)));
-    for (int64_t p = 0; p < plan.parts; ++p) add(0, l.C, p);
+    // Tiles of kChannelSpan channels over all rows where there are enough of them (no partial
+    // statistics to combine), else row blocks as well. Whole spans that fit the L2 run fused
+    // like channel-major channels ((N, C) inputs with few rows).
+    const int64_t spans = (l.C + kChannelSpan - 1) / kChannelSpan;
+    const int64_t blocks = (kMinTasks + spans - 1) / spans;
+    plan.parts = std::clamp<int64_t>(std::min(blocks, l.C * m / kBlockElements), 1,
+                                     std::min<int64_t>(kMaxBlocks, std::max<int64_t>(m, 1)));
+    const bool span_fits = m * std::min(l.C, kChannelSpan) * element_bytes * streams <= l2_cache_bytes() * 7 / 8;
+    plan.fused = plan.parts == 1 && forced != Forced::Split && (span_fits || forced == Forced::Fused);
+    for (int64_t c = 0; c < l.C; c += kChannelSpan) {
+      for (int64_t p = 0; p < plan.parts; ++p) add(c, std::min(l.C, c + kChannelSpan), p);
+    }
     return plan;
   }
   if (l.C < kMinTasks && forced != Forced::Fused) {
@@ -185,12 +207,13 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
   const void* xp = x.const_data_ptr();
   Tensor output = at::empty_like(x);
   void* yp = output.mutable_data_ptr();
+  const bool stream = streams_output(x);
 
   const std::vector<double> w = per_channel(weight, channels, 1.0), b = per_channel(bias, channels, 0.0);
   std::vector<double> mean(channels), invstd(channels), scale(channels), coef(channels * 3, 0.0);
   std::vector<double> sparse(channels * cols);
   auto affine = [&](const Tile& t) {
-    kernels.apply_affine({layout, dtype, xp, yp, mean.data(), scale.data(), b.data()}, t);
+    kernels.apply_affine({layout, dtype, xp, yp, mean.data(), scale.data(), b.data(), stream}, t);
   };
   Plan plan = make_plan(layout, x.element_size(), 1);
   plan.fused = plan.fused && !in_half;  // half accumulation replaces the split schedule's sums
@@ -205,10 +228,37 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
     const int64_t buffers = plan.fused ? 1 : plan.parts;
     std::vector<double> sum(buffers * channels), deviation(buffers * channels), phi(buffers * channels);
     std::vector<core::Candidate> largest(buffers * channels * lists), smallest(largest.size());
+    // l2 in one pass: sums of x - p and (x - p)^2 around a pivot p near the mean.
+    const bool shifted = spec.kind == core::NormKind::L2 && !in_half;
+    std::vector<double> pivot(shifted ? buffers * channels : 0), sum_sq(pivot.size());
 
     auto stats_args = [&](int64_t part) -> cpu::StatsArgs {
-      return {layout, dtype, xp, spec.chunks, per_end, sum.data() + part * channels,
-              largest.data() + part * channels * lists, smallest.data() + part * channels * lists};
+      return {layout,
+              dtype,
+              xp,
+              spec.chunks,
+              per_end,
+              sum.data() + part * channels,
+              largest.data() + part * channels * lists,
+              smallest.data() + part * channels * lists,
+              shifted ? pivot.data() + part * channels : nullptr,
+              shifted ? sum_sq.data() + part * channels : nullptr};
+    };
+    auto channel_mean = [&](int64_t c) {
+      if (m == 0) return 0.0;
+      return shifted ? pivot[c] + sum[c] / static_cast<double>(m) : sum[c] / static_cast<double>(m);
+    };
+    // sum d^2 = sum (x - p)^2 - (sum (x - p))^2 / m, kept where that loses at most 2 bits (the
+    // shift p - mean at most sqrt(3) sigma; with p the mean of 8 elements, a Gaussian channel
+    // fails once in 10^6); false sends the channel to the deviation pass.
+    auto one_pass_deviation = [&](int64_t c) {
+      if (!shifted || m == 0) return false;
+      const double shift = sum[c] / static_cast<double>(m);
+      const double squares = sum_sq[c] - sum[c] * shift;
+      if (!(squares >= 0 && shift * shift * static_cast<double>(m) <= 3 * squares)) return false;  // NaN too
+      deviation[c] = squares;
+      phi[c] = 0;
+      return true;
     };
     auto deviation_args = [&](int64_t part) -> cpu::DeviationArgs {
       return {layout, dtype, xp, mean.data(), spec.phi(), spec.deviation_power(),
@@ -219,7 +269,7 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
     auto finish = [&](int64_t c, core::Deviation* pool) {
       core::ChannelSums sums;
       sums.count = m;
-      sums.sum = sum[c];
+      sums.sum = shifted ? mean[c] * static_cast<double>(m) : sum[c];  // l2's sum is shifted
       sums.deviation_sum = deviation[c];
       sums.phi_sum = phi[c];
       sums.largest = largest.data() + c * lists;
@@ -234,21 +284,25 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       unbiased[c] = stats.unbiased_var;
     };
 
-    if (plan.fused) {
-      cpu_parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
-        std::vector<core::Deviation> pool(static_cast<size_t>(core::deviation_scratch_size(spec)));
-        for (int64_t c = begin; c < end; ++c) {
-          const Tile t{c, c + 1, 0, m};
-          kernels.collect_stats(stats_args(0), t);
-          mean[c] = m > 0 ? sum[c] / static_cast<double>(m) : 0.0;
-          if (dense) kernels.collect_deviations(deviation_args(0), t);
-          finish(c, pool.data());
-          affine(t);
+    if (plan.fused) {  // every pass of a tile (one channel, or a span of channels) while in cache
+      const int64_t scratch = core::deviation_scratch_size(spec);
+      for_each_tile(plan, [&](const Tile& t, int64_t) {
+        kernels.collect_stats(stats_args(0), t);
+        bool one_pass = shifted;
+        for (int64_t c = t.c_begin; c < t.c_end; ++c) {
+          mean[c] = channel_mean(c);
+          one_pass = one_pass_deviation(c) && one_pass;
         }
+        if (dense && !one_pass) kernels.collect_deviations(deviation_args(0), t);
+        core::Deviation pool_on_stack[64];  // the top-k pick's scratch (2k entries): no allocation up to k = 32
+        std::vector<core::Deviation> pool_on_heap(scratch > 64 ? scratch : 0);
+        for (int64_t c = t.c_begin; c < t.c_end; ++c) finish(c, scratch > 64 ? pool_on_heap.data() : pool_on_stack);
+        affine(t);
       });
     } else {
       for_each_tile(plan, [&](const Tile& t, int64_t part) { kernels.collect_stats(stats_args(part), t); });
       combine_sums(sum, channels, plan.parts);
+      if (shifted) combine_sums(sum_sq, channels, plan.parts);
       if (per_end > 0) combine_extremes(largest, channels, plan.parts, lists, per_end);
       if (per_end > 0) combine_extremes(smallest, channels, plan.parts, lists, per_end);
       if (in_half) {  // the means in half as sums: m * mean is exact in double, so is sum / m
@@ -261,8 +315,12 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
           }
         });
       }
-      for (int64_t c = 0; c < channels; ++c) mean[c] = m > 0 ? sum[c] / static_cast<double>(m) : 0.0;
-      if (dense && !in_half) {
+      bool one_pass = shifted;
+      for (int64_t c = 0; c < channels; ++c) {
+        mean[c] = channel_mean(c);
+        one_pass = one_pass_deviation(c) && one_pass;
+      }
+      if (dense && !one_pass && !in_half) {
         for_each_tile(plan, [&](const Tile& t, int64_t part) { kernels.collect_deviations(deviation_args(part), t); });
         combine_sums(deviation, channels, plan.parts);
         combine_sums(phi, channels, plan.parts);
@@ -337,18 +395,15 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
   auto apply = [&](const Tile& t) {
     kernels.apply_grad({layout, dtype, grad.const_data_ptr(), x.const_data_ptr(), grad_input.mutable_data_ptr(),
                         mean.data(), spec.phi(), spec.p, grad_coef.data(), index.const_data_ptr<int64_t>(),
-                        sparse.data(), cols},
+                        sparse.data(), cols, streams_output(x)},
                        t);
   };
 
   if (plan.fused) {
-    cpu_parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const Tile t{c, c + 1, 0, m};
-        reduce(t, 0);
-        finish(c);
-        apply(t);
-      }
+    for_each_tile(plan, [&](const Tile& t, int64_t) {
+      reduce(t, 0);
+      for (int64_t c = t.c_begin; c < t.c_end; ++c) finish(c);
+      apply(t);
     });
   } else {
     if (in_half) {  // the means in half as sums (exact in double)
