@@ -330,8 +330,7 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       for_each_tile(plan, [&](const Tile& t, int64_t) { affine(t); });
     }
     if (m > 0) {  // an empty batch leaves the running statistics alone, as torch
-      update_running_stats(running_mean, running_var, values_tensor(mean, x, at::kDouble),
-                           values_tensor(unbiased, x, at::kDouble), momentum);
+      update_running_stats(running_mean, running_var, mean.data(), unbiased.data(), channels, momentum);
     }
   } else {
     mean = per_channel(running_mean, channels, 0.0);
