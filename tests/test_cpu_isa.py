@@ -311,3 +311,95 @@ def test_isa_choice_is_checked():
     with pytest.raises(Exception, match="not a build this CPU runs"):
         lpnorm._C.set_cpu_isa("sse9")
     assert ISAS[0] == "baseline"
+
+
+def reference_top_indices(x, k, chunks):
+    """Per channel and chunk, the flat indices n * S + s of the k largest |x - mean| (mean of the
+    whole channel), largest first, ties to the lowest index (a stable sort)."""
+    C = x.shape[1]
+    v = x.double().transpose(0, 1).reshape(C, -1)
+    d = (v - v.mean(1, keepdim=True)).abs()
+    per = v.shape[1] // chunks
+    return torch.cat([torch.sort(d[:, j * per:(j + 1) * per], dim=1, descending=True, stable=True).indices[:, :k]
+                      + j * per for j in range(chunks)], 1)
+
+
+TOP_NORMS = [dict(norm="linf"), dict(norm="topk", k=4), dict(norm="topk", k=10, chunks=2),
+             dict(norm="topk", k=12, chunks=2)]
+TOP_IDS = ["linf", "topk4", "topk10-chunks2", "topk-k-equals-chunk"]
+
+
+@pytest.mark.parametrize("data", ["integers", "gaussian"])
+@pytest.mark.parametrize("norm_kwargs", TOP_NORMS, ids=TOP_IDS)
+@pytest.mark.parametrize("shape,layout", [((24, 150), contiguous), ((24, 5, 7, 9), contiguous),
+                                          ((8, 70, 3, 1), channels_last)], ids=["2d", "nchw", "nhwc"])
+def test_top_deviations_are_picked_in_order(isa, schedule, shape, layout, norm_kwargs, data):
+    """The saved sparse indices are the k largest |x - mean| of each chunk in order, ties to the
+    lowest index: picked from the largest and the smallest values (integer data centred near 0
+    takes them from both ends and ties them many times; k equal to the chunk takes every element,
+    the lists then reach across the mean)."""
+    gen = torch.Generator().manual_seed(3)
+    raw = torch.randint(-3, 4, shape, generator=gen).float() if data == "integers" else torch.randn(shape, generator=gen)
+    x = layout(raw)
+    k, chunks = norm_kwargs.get("k", 1), norm_kwargs.get("chunks", 1)
+    _, _, _, _, index, coef = torch.ops.lpnorm.batch_norm_forward(
+        x, None, None, None, None, True, 0.1, 1e-5, norm_kwargs["norm"], k, 2.0, chunks, "exact", "float")
+    expected = reference_top_indices(x, k, chunks)
+    assert torch.equal(index, expected)
+    # the coefficient's sign is the deviation's (zero deviations: any sign, no effect)
+    C = x.shape[1]
+    d = (x.double().transpose(0, 1).reshape(C, -1) - x.double().transpose(0, 1).reshape(C, -1).mean(1, keepdim=True))
+    picked = d.gather(1, expected)
+    assert torch.all((coef.double() * picked.sign() >= 0) & (coef != 0) | (picked == 0))
+
+
+def test_top_deviations_with_nan(isa):
+    """A NaN channel gives NaN statistics (and still valid indices); the other channels' picks
+    stay exact."""
+    x = torch.randn(24, 150, generator=torch.Generator().manual_seed(4))
+    x[3, 9] = math.nan
+    _, _, _, _, index, coef = torch.ops.lpnorm.batch_norm_forward(
+        x, None, None, None, None, True, 0.1, 1e-5, "topk", 10, 2.0, 1, "exact", "float")
+    good = [c for c in range(150) if c != 9]
+    assert torch.equal(index[good], reference_top_indices(x[:, good], 10, 1))
+    assert ((index[9] >= 0) & (index[9] < 24)).all() and coef[9].isnan().all()
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("stats", ["float64", "float32", "float32-strided", "bfloat16"])
+def test_running_stats_blend(momentum, stats):
+    """SPEC §2 on the CPU: running * (1 - f) + f * batch in float64, as ATen's mul and
+    add(alpha) compute it (float64: to the bit), then rounded to the statistics' dtype;
+    float32/float64 statistics are blended in place on their data, any stride; others by ATen
+    ops."""
+    gen = torch.Generator().manual_seed(5)
+    dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16}.get(stats, torch.float32)
+    x = (torch.randn(16, 37, generator=gen, dtype=torch.float64) * 3 + 1).to(dtype)
+    params = torch.float32 if dtype == torch.bfloat16 else dtype
+    rm0 = torch.randn(37, generator=gen, dtype=torch.float64).to(params)
+    rv0 = (torch.rand(37, generator=gen, dtype=torch.float64) + 0.5).to(params)
+    for norm in ["l2", "l1", "topk"]:
+        if stats == "float32-strided":
+            rm_store, rv_store = torch.full((74,), 7.0), torch.full((74,), 7.0)
+            rm, rv = rm_store[::2], rv_store[::2]
+            rm.copy_(rm0), rv.copy_(rv0)
+        else:
+            rm, rv = rm0.clone(), rv0.clone()
+        if stats == "bfloat16":
+            rm, rv = rm.bfloat16(), rv.bfloat16()
+        start_mean, start_var = rm.clone(), rv.clone()
+        _, mean, _, coef, _, _ = torch.ops.lpnorm.batch_norm_forward(
+            x, None, None, rm, rv, True, momentum, 1e-5, norm, 10, 2.0, 1, "exact", "float")
+        m = x.shape[0]
+        unbiased = coef[:, 0].double() * coef[:, 0].double() * m / (m - 1)
+        if dtype == torch.float64:  # the saved statistics are the float64 ones blended: exact
+            assert torch.equal(rm, start_mean.mul(1 - momentum).add(mean, alpha=momentum))
+            assert torch.equal(rv, start_var.mul(1 - momentum).add(unbiased, alpha=momentum))
+        ref_mean, ref_var = start_mean.clone(), start_var.clone()
+        reference.batch_norm(x, ref_mean, ref_var, training=True, momentum=momentum, norm=norm, k=10)
+        assert_close(rm, ref_mean, dtype=dtype, what=f"{norm} running_mean")
+        assert_close(rv, ref_var, dtype=dtype, what=f"{norm} running_var")
+        if momentum == 0.0:
+            assert torch.equal(rm, start_mean) and torch.equal(rv, start_var)
+        if stats == "float32-strided":  # the elements between were not touched
+            assert (rm_store[1::2] == 7.0).all() and (rv_store[1::2] == 7.0).all()

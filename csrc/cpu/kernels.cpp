@@ -626,12 +626,24 @@ struct LaneLists {
     for (int end = 0; end < 2; ++end) {
       const size_t at = static_cast<size_t>((group * 2 + end) * per_end);
       for (int i = 0; i < n; ++i) {
+        // All of a lane's entries go to one chunk's list. A list still empty (the usual case:
+        // one flush per chunk and tile) takes them as they are, already in core's order
+        // (largest first, equal values by row); offering them one by one cost O(k^2).
+        Candidate* list = nullptr;
+        bool empty = false;
         for (int64_t j = 0; j < per_end; ++j) {
           const A v = values[at + j][i];
           if (!(v > -std::numeric_limits<A>::infinity())) break;  // empty from here on
           const int64_t index = base + static_cast<int64_t>(rows[at + j][i]);
-          core::offer_extreme(ext.lists(end == 0 ? ext.largest : ext.smallest, c0 + i, index), per_end,
-                              static_cast<double>(v), index);
+          if (list == nullptr) {
+            list = ext.lists(end == 0 ? ext.largest : ext.smallest, c0 + i, index);
+            empty = list[0].index == core::kNoIndex;
+          }
+          if (empty) {
+            list[j] = {static_cast<double>(v), index};
+          } else {
+            core::offer_extreme(list, per_end, static_cast<double>(v), index);
+          }
         }
       }
     }

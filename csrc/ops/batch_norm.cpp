@@ -5,7 +5,9 @@
 #include <ATen/ops/sqrt.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 namespace lpnorm::ops {
@@ -197,14 +199,38 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> empty_saved(const Tensor& inp
 }
 
 void update_running_stats(const OptionalTensor& running_mean, const OptionalTensor& running_var,
-                          const Tensor& mean, const Tensor& unbiased_var, double momentum) {
+                          const double* mean, const double* unbiased_var, int64_t channels, double momentum) {
   if (!defined(running_mean)) return;
-  const auto blend = [momentum](const Tensor& running, const Tensor& batch) {
-    const Tensor updated = running.to(at::kDouble).mul(1.0 - momentum).add(batch.to(running.device()), momentum);
+  const double keep = 1.0 - momentum;
+  // CPU float32/float64 statistics (what nn modules hold) are blended on their data: the ATen
+  // ops below cost a dispatcher round trip each (about 10 of them), more than the whole
+  // (N, C) forward of a small batch. ATen's add(alpha) on double is a fused multiply-add, in
+  // its vector and scalar loops alike (checked), so std::fma gives the same bits.
+  const auto blend_in_place = [&](const Tensor& running, const double* batch) {
+    const int64_t stride = running.stride(0);
+    if (running.scalar_type() == at::kDouble) {
+      double* r = running.mutable_data_ptr<double>();
+      for (int64_t c = 0; c < channels; ++c) r[c * stride] = std::fma(momentum, batch[c], r[c * stride] * keep);
+    } else {
+      float* r = running.mutable_data_ptr<float>();
+      for (int64_t c = 0; c < channels; ++c) {
+        r[c * stride] = static_cast<float>(std::fma(momentum, batch[c], static_cast<double>(r[c * stride]) * keep));
+      }
+    }
+  };
+  // Other dtypes (bfloat16/float16 statistics of a half input round from double the way
+  // ATen's copy_ does) and devices: ATen ops.
+  const auto blend_with_ops = [&](const Tensor& running, const double* batch) {
+    const Tensor values = at::empty({channels}, running.options().dtype(at::kDouble).device(at::kCPU));
+    std::copy_n(batch, channels, values.mutable_data_ptr<double>());
+    const Tensor updated = running.to(at::kDouble).mul(keep).add(values.to(running.device()), momentum);
     const_cast<Tensor&>(running).copy_(updated);
   };
-  blend(*running_mean, mean);
-  blend(*running_var, unbiased_var);
+  for (const auto& [running, batch] : {std::pair<const Tensor&, const double*>{*running_mean, mean},
+                                       {*running_var, unbiased_var}}) {
+    const bool direct = running.is_cpu() && (running.scalar_type() == at::kFloat || running.scalar_type() == at::kDouble);
+    direct ? blend_in_place(running, batch) : blend_with_ops(running, batch);
+  }
 }
 
 }  // namespace lpnorm::ops

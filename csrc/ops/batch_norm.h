@@ -61,8 +61,10 @@ Tensor in_layout_of(const Tensor& result, const Tensor& input);
 //  sparse_index [C, cols] int64, sparse_coef [C, cols]).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> empty_saved(const Tensor& input, int64_t cols);
 
-// Running statistics update of SPEC §2, from per-channel float64 mean and unbiased variance.
+// Running statistics update of SPEC §2, from per-channel float64 mean and unbiased variance
+// (host arrays of `channels` values): running * (1 - f) rounded, then + f * batch fused, in
+// double, as ATen's mul and add(alpha) compute it.
 void update_running_stats(const OptionalTensor& running_mean, const OptionalTensor& running_var,
-                          const Tensor& mean, const Tensor& unbiased_var, double momentum);
+                          const double* mean, const double* unbiased_var, int64_t channels, double momentum);
 
 }  // namespace lpnorm::ops

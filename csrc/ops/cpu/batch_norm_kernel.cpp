@@ -46,16 +46,19 @@ cpu::Dtype cpu_dtype(at::ScalarType type) {
   }
 }
 
-// A per-channel tensor (1-d, any stride) as float64 values, or `fallback` when it is absent.
+// A per-channel tensor (1-d, any stride; or any shape, contiguous: the saved [C, cols]
+// tensors, read without a reshape, which is a dispatcher call) as `count` float64 values, or
+// `fallback` when it is absent.
 std::vector<double> per_channel(const OptionalTensor& tensor, int64_t count, double fallback) {
   std::vector<double> values(static_cast<size_t>(count), fallback);
   if (!tensor.has_value() || !tensor->defined()) return values;
   const Tensor& t = *tensor;
+  const bool direct = t.dim() == 1 || t.is_contiguous();
   const int64_t stride = t.dim() == 1 ? t.stride(0) : 1;
-  if (t.dim() == 1 && t.scalar_type() == at::kFloat) {
+  if (direct && t.scalar_type() == at::kFloat) {
     const float* p = t.const_data_ptr<float>();
     for (int64_t i = 0; i < count; ++i) values[i] = p[i * stride];
-  } else if (t.dim() == 1 && t.scalar_type() == at::kDouble) {
+  } else if (direct && t.scalar_type() == at::kDouble) {
     const double* p = t.const_data_ptr<double>();
     for (int64_t i = 0; i < count; ++i) values[i] = p[i * stride];
   } else {
@@ -330,8 +333,7 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       for_each_tile(plan, [&](const Tile& t, int64_t) { affine(t); });
     }
     if (m > 0) {  // an empty batch leaves the running statistics alone, as torch
-      update_running_stats(running_mean, running_var, values_tensor(mean, x, at::kDouble),
-                           values_tensor(unbiased, x, at::kDouble), momentum);
+      update_running_stats(running_mean, running_var, mean.data(), unbiased.data(), channels, momentum);
     }
   } else {
     mean = per_channel(running_mean, channels, 0.0);
@@ -371,8 +373,8 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
   const std::vector<double> mean = per_channel(save_mean, channels, 0.0);
   const std::vector<double> invstd = per_channel(save_invstd, channels, 0.0);
   const std::vector<double> w = per_channel(weight, channels, 1.0);
-  const std::vector<double> coef = per_channel(save_coef.reshape({-1}), channels * 3, 0.0);
-  const std::vector<double> sparse = per_channel(sparse_coef.reshape({-1}), channels * cols, 0.0);
+  const std::vector<double> coef = per_channel(save_coef, channels * 3, 0.0);
+  const std::vector<double> sparse = per_channel(sparse_coef, channels * cols, 0.0);
   const Tensor index = sparse_index.contiguous();
   Tensor grad_input = at::empty_like(x);
 
