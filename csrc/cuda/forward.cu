@@ -307,16 +307,16 @@ __global__ void finish_channels_kernel(FinishArgs a) {
     sigma = stats.sigma;
     phi_scale = stats.phi_scale;
     phi_offset = stats.phi_offset;
-    // SPEC §2, as ops::update_running_stats: r * (1 - f) + f * batch in double, no fused
-    // multiply-add; an empty batch leaves them alone.
+    // SPEC §2, as ops::update_running_stats: fma(f, batch, r * (1 - f)) in double, the
+    // rounding of ATen's add(alpha) and of the CPU path; an empty batch leaves them alone.
     if (m > 0 && f.running_mean.data != nullptr) {
       const double keep = 1.0 - f.momentum;
       const double rm = load_channel(f.running_mean.data, f.running_mean.dtype, c);
       const double rv = load_channel(f.running_var.data, f.running_var.dtype, c);
       store_channel(f.running_mean.data, f.running_mean.dtype, c,
-                    __dadd_rn(__dmul_rn(rm, keep), __dmul_rn(f.momentum, stats.mean)));
+                    __fma_rn(f.momentum, stats.mean, __dmul_rn(rm, keep)));
       store_channel(f.running_var.data, f.running_var.dtype, c,
-                    __dadd_rn(__dmul_rn(rv, keep), __dmul_rn(f.momentum, stats.unbiased_var)));
+                    __fma_rn(f.momentum, stats.unbiased_var, __dmul_rn(rv, keep)));
     }
   } else {
     mean = load_channel(f.running_mean.data, f.running_mean.dtype, c);
