@@ -141,29 +141,24 @@ LPNORM_INLINE double hsum(V v) {
 template <typename T>
 struct Io;
 
-template <>
-struct Io<float> {
-  using A = float;
-  LPNORM_INLINE static VF load(const float* p) {
-    VF v;
+// float and double load and store as themselves.
+template <typename T, typename V>
+struct NativeIo {
+  using A = T;
+  LPNORM_INLINE static V load(const T* p) {
+    V v;
     std::memcpy(&v, p, sizeof v);
     return v;
   }
-  LPNORM_INLINE static void store(float* p, VF v) { std::memcpy(p, &v, sizeof v); }
-  LPNORM_INLINE static VF bits(VF v) { return v; }
+  LPNORM_INLINE static void store(T* p, V v) { std::memcpy(p, &v, sizeof v); }
+  LPNORM_INLINE static V bits(V v) { return v; }
 };
 
 template <>
-struct Io<double> {
-  using A = double;
-  LPNORM_INLINE static VD load(const double* p) {
-    VD v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-  }
-  LPNORM_INLINE static void store(double* p, VD v) { std::memcpy(p, &v, sizeof v); }
-  LPNORM_INLINE static VD bits(VD v) { return v; }
-};
+struct Io<float> : NativeIo<float, VF> {};
+
+template <>
+struct Io<double> : NativeIo<double, VD> {};
 
 template <>
 struct Io<BFloat16> {
