@@ -49,6 +49,12 @@ Tensor workspace(const Tensor& like, size_t bytes) {
 
 cudaStream_t current_stream(const Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 
+// SPEC §4's accumulate="half" has only the CPU's scalar path (cpu/half_accumulation.h).
+void refuse_half_accumulation(c10::string_view accumulate, const Tensor& input) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!half_accumulation(accumulate, input),
+                              "lpnorm.batch_norm: accumulate='half' is implemented on the CPU only");
+}
+
 ForwardResult batch_norm_forward_cuda(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                                       const OptionalTensor& running_mean, const OptionalTensor& running_var,
                                       bool training, double momentum, double eps, c10::string_view norm, int64_t k,
@@ -56,8 +62,7 @@ ForwardResult batch_norm_forward_cuda(const Tensor& input, const OptionalTensor&
                                       c10::string_view accumulate) {
   const core::NormSpec spec =
       check_forward(input, weight, bias, running_mean, running_var, training, norm, k, p, chunks, constant);
-  TORCH_CHECK_NOT_IMPLEMENTED(!half_accumulation(accumulate, input),
-                              "lpnorm.batch_norm: accumulate='half' is implemented on the CPU only");
+  refuse_half_accumulation(accumulate, input);
   c10::cuda::CUDAGuard guard(input.device());
   const auto [x, layout] = channel_view(input);
   const int64_t cols = sparse_columns(spec, training);
@@ -105,8 +110,7 @@ BackwardResult batch_norm_backward_cuda(const Tensor& grad_output, const Tensor&
                                         const Tensor& sparse_index, const Tensor& sparse_coef, bool training,
                                         c10::string_view norm, double p, c10::string_view accumulate) {
   check_backward(grad_output, input, weight, save_mean, save_invstd, save_coef, sparse_index, sparse_coef);
-  TORCH_CHECK_NOT_IMPLEMENTED(!half_accumulation(accumulate, input),
-                              "lpnorm.batch_norm: accumulate='half' is implemented on the CPU only");
+  refuse_half_accumulation(accumulate, input);
   const core::NormSpec spec = parse_norm_spec(norm, 1, p, 1, "exact", 1, 0);
   c10::cuda::CUDAGuard guard(input.device());
   const auto [x, layout] = channel_view(input);
