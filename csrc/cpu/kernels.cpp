@@ -388,18 +388,6 @@ LPNORM_INLINE void for_each_row(const Layout& l, int64_t row_begin, int64_t row_
   }
 }
 
-// Channels-innermost walks touch a short piece of each row; where rows are far apart ((N, C)
-// with thousands of channels: every row its own page) the hardware prefetchers do not follow,
-// so each row asks for the one kPrefetchRows ahead. Prefetches past the end do not fault.
-constexpr int64_t kPrefetchRows = 8;
-
-template <typename T>
-LPNORM_INLINE void prefetch_ahead(const Layout& l, const T* row, int64_t bytes) {
-  const int64_t step = (l.S > 1 ? l.stride_s : l.stride_n) * kPrefetchRows;
-  const char* p = reinterpret_cast<const char*>(row + step);
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
-}
-
 // The fold of float lanes into double: every kFoldEvery vector steps, each lane has summed
 // at most that many values in float.
 constexpr int kFoldEvery = 64;
@@ -710,8 +698,6 @@ void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const
     }
     const T* px = x + row_offset + t.c_begin;
     const T* pg = g != nullptr ? g + row_offset + t.c_begin : nullptr;
-    prefetch_ahead(l, px, channels * static_cast<int64_t>(sizeof(T)));
-    if (pg != nullptr) prefetch_ahead(l, pg, channels * static_cast<int64_t>(sizeof(T)));
     for (int64_t gi = 0; gi < groups; ++gi) {
       const int n = gi + 1 < groups ? W : tail;  // lanes past n compute on zeros, never folded
       const V xv = n == W ? Io<T>::load(px + gi * W) : load_first(px + gi * W, n);
@@ -845,8 +831,6 @@ void map_channels_innermost(const Layout& l, const Tile& t, const T* x, const T*
     const T* px = x + row;
     const T* pg = g != nullptr ? g + row : nullptr;
     T* po = out + row;
-    prefetch_ahead(l, px, channels * static_cast<int64_t>(sizeof(T)));
-    if (pg != nullptr) prefetch_ahead(l, pg, channels * static_cast<int64_t>(sizeof(T)));
     for (int64_t gi = 0; gi + 1 < groups; ++gi) {
       const V gv = pg != nullptr ? Io<T>::load(pg + gi * W) : V{};
       store_vector(po + gi * W, op(Io<T>::load(px + gi * W), gv, &k[gi * 4]), stream);
