@@ -197,6 +197,15 @@ def test_channels_innermost_extremes_in_lanes(isa, schedule, norm_kwargs, dtype)
     check(batch((24, 150), dtype), norm_kwargs, steps=1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm_kwargs", NORMS, ids=NORM_IDS)
+def test_wide_fused_spans(isa, norm_kwargs, dtype):
+    """(N, C) with few rows and many channels runs fused in spans of up to 1 KiB of each row
+    (256 float32 channels), the last span short (1040 channels)."""
+    check(batch((20, 1040), dtype), norm_kwargs, steps=1)
+    check(torch.randint(-3, 4, (12, 1040)).to(dtype), norm_kwargs, steps=1)
+
+
 @pytest.mark.parametrize("norm_kwargs", LANE_NORMS, ids=LANE_IDS)
 def test_channels_innermost_nan_stays_in_its_channel(isa, norm_kwargs):
     """A NaN never enters a lane's list; its channel's output is NaN, the others are exact."""
