@@ -206,6 +206,13 @@ def test_wide_fused_spans(isa, norm_kwargs, dtype):
     check(torch.randint(-3, 4, (12, 1040)).to(dtype), norm_kwargs, steps=1)
 
 
+@pytest.mark.parametrize("norm_kwargs", NORMS, ids=NORM_IDS)
+def test_wide_channels_last_spans(isa, schedule, norm_kwargs):
+    """Channels-last rows of 200 channels: the split schedule's tiles take whole rows (one
+    span, the row blocks combined), the fused one spans of 64 channels, the last one short."""
+    check(channels_last(batch((40, 200, 8, 8), torch.float32)), norm_kwargs, steps=1)
+
+
 @pytest.mark.parametrize("norm_kwargs", LANE_NORMS, ids=LANE_IDS)
 def test_channels_innermost_nan_stays_in_its_channel(isa, norm_kwargs):
     """A NaN never enters a lane's list; its channel's output is NaN, the others are exact."""

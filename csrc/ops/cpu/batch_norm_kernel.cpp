@@ -110,10 +110,10 @@ constexpr int64_t kMinPartElements = 16384;
 constexpr int64_t kBlockElements = 65536;  // channels-innermost: elements per row block
 constexpr int64_t kMaxBlocks = 16;  // each block restarts the top-k lists: keep few
 constexpr int64_t kChannelSpan = 64;  // channels-innermost: channels per tile (a multiple of every W)
-// Fused channels-innermost spans ((N, C) with few rows) read at least this much of each row:
-// their rows are pages apart, and 256-byte pieces of them defeat the prefetchers ((256, 1024)
-// float32 forward at 1 thread: 64-channel spans l2 122-126 us, l1 150-216; 256: 111-121, 122-127).
-constexpr int64_t kFusedRowBytes = 1024;
+// Channels-innermost tiles read at least this much of each row (or all of it): 256-byte
+// pieces of 1 KiB rows ((128,256,7,7) channels-last) or of rows pages apart ((256, 1024)) kept
+// every pass well below the speed of the caches (measurements in docs/cpu-performance.md).
+constexpr int64_t kRowBytes = 1024;
 constexpr int64_t kMinFusedSpans = 4;  // tasks of the fused channels-innermost schedule
 
 // Outputs this big are written with non-temporal stores: they would not stay in the caches
@@ -133,8 +133,9 @@ struct Plan {
   std::vector<int64_t> part;   // which partial buffer each tile writes
 };
 
-// `streams`: full-size tensors a fused channel reads (x; or grad and x).
-Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64_t streams) {
+// `streams`: full-size tensors a fused channel reads (x; or grad and x). `extreme_lists`: the
+// pass keeps top-k lists, which every row block refills.
+Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64_t streams, bool extreme_lists = false) {
   Plan plan;
   if (l.C == 0) return plan;  // no channels, no tiles (and no division by C below)
   const int64_t m = l.count();
@@ -144,28 +145,29 @@ Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64_t stre
     plan.part.push_back(part);
   };
   if (cpu::walk_of(l) == cpu::Walk::ChannelsInnermost) {
-    // Spans of channels over all rows whose data fits the L2 run fused like channel-major
-    // channels ((N, C) inputs with few rows), kFusedRowBytes of a row at a time where there
-    // are channels enough for kMinFusedSpans such spans.
-    const int64_t wide = std::max(kChannelSpan, std::min(kFusedRowBytes / element_bytes, l.C / kMinFusedSpans) /
-                                                    kChannelSpan * kChannelSpan);
-    const int64_t wide_spans = (l.C + wide - 1) / wide;
-    if (forced != Forced::Split && wide_spans >= kMinFusedSpans &&
-        m * wide * element_bytes * streams <= l2_cache_bytes() * 7 / 8) {
+    const auto fits_l2 = [&](int64_t span) { return m * span * element_bytes * streams <= l2_cache_bytes() * 7 / 8; };
+    const auto whole_spans = [&](int64_t bytes) {  // channels in `bytes` of a row, whole vectors of every build
+      return std::max(kChannelSpan, bytes / element_bytes / kChannelSpan * kChannelSpan);
+    };
+    // Spans whose rows fit the L2 run fused like channel-major channels ((N, C) with few
+    // rows): kRowBytes of a row at a time where that leaves kMinFusedSpans tasks.
+    const int64_t fused_span = std::min(whole_spans(kRowBytes), whole_spans(l.C / kMinFusedSpans * element_bytes));
+    if (forced != Forced::Split && (l.C + fused_span - 1) / fused_span >= kMinFusedSpans && fits_l2(fused_span)) {
       plan.fused = true;
-      for (int64_t c = 0; c < l.C; c += wide) add(c, std::min(l.C, c + wide), 0);
+      for (int64_t c = 0; c < l.C; c += fused_span) add(c, std::min(l.C, c + fused_span), 0);
       return plan;
     }
-    // Otherwise tiles of kChannelSpan channels over all rows where there are enough of them
-    // (no partial statistics to combine), else row blocks as well.
-    const int64_t spans = (l.C + kChannelSpan - 1) / kChannelSpan;
+    // Otherwise spans over all rows where there are enough of them (no partial statistics to
+    // combine), else row blocks as well. Top-k lists keep kChannelSpan channels: wider spans
+    // need more row blocks, and each refills its lists (measured slower).
+    const int64_t span = extreme_lists ? kChannelSpan : whole_spans(kRowBytes);
+    const int64_t spans = (l.C + span - 1) / span;
     const int64_t blocks = (kMinTasks + spans - 1) / spans;
     plan.parts = std::clamp<int64_t>(std::min(blocks, l.C * m / kBlockElements), 1,
                                      std::min<int64_t>(kMaxBlocks, std::max<int64_t>(m, 1)));
-    const bool span_fits = m * std::min(l.C, kChannelSpan) * element_bytes * streams <= l2_cache_bytes() * 7 / 8;
-    plan.fused = plan.parts == 1 && forced != Forced::Split && (span_fits || forced == Forced::Fused);
-    for (int64_t c = 0; c < l.C; c += kChannelSpan) {
-      for (int64_t p = 0; p < plan.parts; ++p) add(c, std::min(l.C, c + kChannelSpan), p);
+    plan.fused = plan.parts == 1 && forced != Forced::Split && (fits_l2(std::min(l.C, span)) || forced == Forced::Fused);
+    for (int64_t c = 0; c < l.C; c += span) {
+      for (int64_t p = 0; p < plan.parts; ++p) add(c, std::min(l.C, c + span), p);
     }
     return plan;
   }
@@ -234,7 +236,7 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
   auto affine = [&](const Tile& t) {
     kernels.apply_affine({layout, dtype, xp, yp, mean.data(), scale.data(), b.data(), stream}, t);
   };
-  Plan plan = make_plan(layout, x.element_size(), 1);
+  Plan plan = make_plan(layout, x.element_size(), 1, training && spec.extremes_per_end() > 1);
   plan.fused = plan.fused && !in_half;  // half accumulation replaces the split schedule's sums
 
   if (training) {
