@@ -629,9 +629,11 @@ struct LaneLists {
     groups = group_count;
     per_end = k;
     levels = levels_for(k);
-    capacity = std::max<int64_t>(1, std::min(kMaxCopies, rows));
-    copies.reset(new V[static_cast<size_t>(groups * capacity)]);
-    copy_rows.reset(new R[static_cast<size_t>(groups * capacity)]);
+    if (levels > 1) {  // one level keeps its rows, no copies
+      capacity = std::max<int64_t>(1, std::min(kMaxCopies, rows));
+      copies.reset(new V[static_cast<size_t>(groups * capacity)]);
+      copy_rows.reset(new R[static_cast<size_t>(groups * capacity)]);
+    }
     values.resize(static_cast<size_t>(groups * 2 * levels));
     top_rows.resize(static_cast<size_t>(groups * 2));
     reset(first_row);
