@@ -213,6 +213,54 @@ def test_wide_channels_last_spans(isa, schedule, norm_kwargs):
     check(channels_last(batch((40, 200, 8, 8), torch.float32)), norm_kwargs, steps=1)
 
 
+def lane_list_data(kind, rows, channels, dtype):
+    """(rows, channels) data that makes per-lane lists hard: ties, signed zeros, infinities, NaN,
+    rows sorted so every row enters the lists."""
+    gen = torch.Generator().manual_seed(rows * channels)
+    if kind == "ties":
+        return torch.randint(-3, 4, (rows, channels), generator=gen).to(dtype)
+    if kind == "signed-zeros":  # -0 and +0 tie (compare equal) but keep their own bits in the lists
+        x = torch.randint(-1, 2, (rows, channels), generator=gen).to(dtype)
+        return torch.where(torch.rand(rows, channels, generator=gen) < 0.5, x, -x)
+    if kind == "special":
+        x = torch.randn(rows, channels, generator=gen, dtype=torch.float64).to(dtype)
+        x[torch.rand(rows, channels, generator=gen) < 0.05] = math.inf
+        x[torch.rand(rows, channels, generator=gen) < 0.05] = -math.inf
+        x[torch.rand(rows, channels, generator=gen) < 0.05] = math.nan
+        x[:, 1] = -math.inf  # a channel whose lists stay empty at the top end
+        x[:, 2] = math.nan
+        return x
+    if kind == "ascending":  # every row beats the lists' k-th values (both ends for the negated half)
+        x = torch.arange(rows, dtype=torch.float64).view(rows, 1) + torch.arange(channels) / channels
+        x[:, ::2] *= -1
+        return x.to(dtype)
+    return torch.randn(rows, channels, generator=gen, dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["gaussian", "ties", "signed-zeros", "special", "ascending"])
+@pytest.mark.parametrize("k", [1, 2, 7, 10, 16, 17, 39, 40])
+def test_channels_innermost_lists_equal_channel_major(isa, kind, k, dtype):
+    """The per-lane lists of a channels-innermost walk hold the same values (bit for bit: -0 is
+    not +0), indices and order as the channel-major walk's: largest first, ties by the lowest
+    index, NaN and -inf never, empty slots last; k = 1, even, odd, the most kept in registers
+    and more, k close to and equal to m; 37 channels leave a partial vector; 2600 rows exceed
+    what the walk keeps before an early flush."""
+    for rows, channels in [(40, 37), (2600, 21)]:
+        if k > rows:
+            continue
+        x = lane_list_data(kind, rows, channels, dtype)
+        column_major = x.t().contiguous().t()
+        lists = [torch.ops.lpnorm.batch_norm_collect(v, "topk", k, 0) for v in (x, column_major)]
+        (_, lane_value, lane_index), (_, value, index) = lists
+        assert torch.equal(lane_index, index), (kind, rows, k)
+        assert torch.equal(lane_value.view(torch.int64), value.view(torch.int64)), (kind, rows, k)
+    nhwc = channels_last(x.view(rows // 20, 20, channels, 1).permute(0, 2, 1, 3))
+    lists = [torch.ops.lpnorm.batch_norm_collect(v, "topk", k, 0) for v in (nhwc, nhwc.contiguous())]
+    assert torch.equal(lists[0][2], lists[1][2]) and torch.equal(lists[0][1].view(torch.int64),
+                                                                 lists[1][1].view(torch.int64))
+
+
 @pytest.mark.parametrize("norm_kwargs", LANE_NORMS, ids=LANE_IDS)
 def test_channels_innermost_nan_stays_in_its_channel(isa, norm_kwargs):
     """A NaN never enters a lane's list; its channel's output is NaN, the others are exact."""

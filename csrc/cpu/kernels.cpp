@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -570,76 +571,245 @@ std::vector<A> channel_values(const double* values, const Tile& t, int W, double
   return out;
 }
 
-// Extreme lists of a channels-innermost walk, one per vector lane (= channel): each end keeps
-// per_end vectors of values, sorted largest first, and the rows they came from. A row is
-// inserted into all lanes at once by a branch-free shift (no scalar work per element), which
-// matters where a third of the elements enter the lists (m = 256, k = 10). Rows arrive in
-// increasing order, so an equal value never displaces an earlier one: ties go to the lowest
-// index, as core::offer_extreme. The smallest values go in as -x (core's convention).
+// Extreme lists of a channels-innermost walk, one per vector lane (= channel), where a third
+// of the elements may enter them (m = 256, k = 10): tracking rows in the lists cost a compare,
+// four blends and a taken-or-not branch per level and made top-k 9x slower than l2 there.
+//
+// So the lists keep values only, each end sorted largest first (the smallest values as -x,
+// core's convention), and a vector is inserted into all lanes by a branch-free network,
+// new[j] = max(old[j], min(old[j-1], x)), with the levels in registers where k is small
+// (compile-time level counts, the unused top levels +inf, which pass x through unchanged).
+// The walk copies each vector that beats either end's k-th value (known from the last batch,
+// so a vector may be copied needlessly but never missed) into its group's buffer; batches of
+// copies go through the network. The flush finds the rows from the copies, in row order:
+// every row whose value beats the final k-th value plus the earliest rows equal to it, which
+// is what an insertion with rows keeps (an equal value never displaces an earlier row: ties
+// go to the lowest index, as core::offer_extreme). The copies are sequential and in cache;
+// the rows themselves may be 4 KiB apart ((N, C)) and evict each other from L1.
 template <typename A>
 struct LaneLists {
   using V = typename Simd<A>::V;
-  using M = typename Simd<A>::Mask;  // rows relative to `base`, flushed before they overflow
+  using M = typename Simd<A>::Mask;
+  using R = std::remove_reference_t<decltype(M{}[0])>;  // rows relative to `base`
   static constexpr int W = Simd<A>::W;
-  static constexpr int64_t kMaxSpan = int64_t{1} << 30;
-  int64_t per_end = 0, base = 0;
-  std::vector<V> values;  // [group][end][per_end]
-  std::vector<M> rows;
+  static constexpr R kFree = -1;
+  static constexpr int64_t kMaxSpan = int64_t{1} << 30;  // flushed before relative rows overflow
+  // Copies per group before an early flush (which only costs a refill: lists of row ranges
+  // merge exactly). A batch through the network is a few copies per level: the filter's
+  // k-th values lag by a batch, and short lists (linf: one level) catch up fast.
+  static constexpr int64_t kMaxCopies = 2048, kBatchPerLevel = 4;
+  static constexpr int kMaxLevels = 16;  // in registers up to here, in memory above
+  int64_t per_end = 0, levels = 0, base = 0, groups = 0, capacity = 0;
+  bool full = false;
+  std::vector<V> values;  // [group][end][levels], sorted largest first, the top levels - per_end +inf
+  std::unique_ptr<V[]> copies;   // [group][capacity]
+  std::unique_ptr<R[]> copy_rows;
+  std::vector<int64_t> copied, inserted;  // per group
+  std::vector<R> rows;  // [group][end][per_end][W], after find_rows, with the values found
+  std::vector<A> found;
+  std::vector<V> lane_values;  // [end][lane][vectors]: one group's lists, lane by lane
+  std::vector<M> top_rows;     // [group][end], the rows of one-level lists
+  std::vector<Candidate> merged;
 
-  void reset(int64_t groups, int64_t k, int64_t first_row) {
+  static int64_t levels_for(int64_t k) { return k == 1 ? 1 : k <= kMaxLevels ? (k + 1) / 2 * 2 : k; }
+  // For a walk of `rows` rows, `group_count` vectors of channels wide.
+  void start(int64_t group_count, int64_t k, int64_t rows, int64_t first_row) {
+    groups = group_count;
     per_end = k;
-    base = first_row;
-    values.assign(static_cast<size_t>(groups * 2 * k), splat<V>(-std::numeric_limits<A>::infinity()));
-    rows.assign(values.size(), M{});
-  }
-  static LPNORM_INLINE void insert(V* value, M* row, int64_t k, V x, M r) {
-    auto beats = x > value[k - 1];  // NaN beats nothing
-    if (bitmask(beats) == 0) return;
-    for (int64_t j = k - 1; j > 0; --j) {
-      const auto above = x > value[j - 1];  // x also beats the entry above: that one moves down
-      value[j] = above ? value[j - 1] : (beats ? x : value[j]);
-      row[j] = above ? row[j - 1] : (beats ? r : row[j]);
-      beats = above;
-      if (bitmask(beats) == 0) return;
+    levels = levels_for(k);
+    if (levels > 1) {  // one level keeps its rows, no copies
+      capacity = std::max<int64_t>(1, std::min(kMaxCopies, rows));
+      copies.reset(new V[static_cast<size_t>(groups * capacity)]);
+      copy_rows.reset(new R[static_cast<size_t>(groups * capacity)]);
     }
-    value[0] = beats ? x : value[0];
-    row[0] = beats ? r : row[0];
+    values.resize(static_cast<size_t>(groups * 2 * levels));
+    top_rows.resize(static_cast<size_t>(groups * 2));
+    reset(first_row);
   }
+  void reset(int64_t first_row) {
+    base = first_row;
+    full = false;
+    for (int64_t l = 0; l < groups * 2; ++l) {
+      for (int64_t j = 0; j < levels; ++j) {
+        values[l * levels + j] = splat<V>((j < levels - per_end ? 1 : -1) * std::numeric_limits<A>::infinity());
+      }
+    }
+    copied.assign(static_cast<size_t>(groups), 0);
+    inserted.assign(static_cast<size_t>(groups), 0);
+  }
+
   LPNORM_INLINE void offer(int64_t group, V x, int64_t r) {
-    const size_t at = static_cast<size_t>(group * 2 * per_end);
-    V* up = values.data() + at;
-    V* down = up + per_end;
+    const V* up = values.data() + group * 2 * levels;
     // One test for both ends: after the first rows most vectors beat neither k-th value.
-    if (bitmask((x > up[per_end - 1]) | (-x > down[per_end - 1])) == 0) return;
-    const M rel = splat<M>(static_cast<decltype(M{}[0])>(r - base));
-    insert(up, rows.data() + at, per_end, x, rel);
-    insert(down, rows.data() + at + per_end, per_end, -x, rel);
+    if (bitmask((x > up[levels - 1]) | (-x > up[2 * levels - 1])) == 0) return;
+    if (levels == 1) {  // linf, range: one level keeps its row as cheaply as a copy
+      for (int end = 0; end < 2; ++end) {
+        const V v = end == 0 ? x : -x;
+        V& value = values[group * 2 + end];
+        const M beats = v > value;
+        value = beats ? v : value;
+        top_rows[group * 2 + end] = beats ? splat<M>(static_cast<R>(r - base)) : top_rows[group * 2 + end];
+      }
+      return;
+    }
+    int64_t& n = copied[group];
+    copies[group * capacity + n] = x;
+    copy_rows[group * capacity + n] = static_cast<R>(r - base);
+    ++n;
+    if (n - inserted[group] == kBatchPerLevel * levels) insert_copies(group);
+    full |= n == capacity;
   }
-  // Hands lanes [0, n) of `group` (channels c0 ...) to the tile's Candidate lists.
+
+  // The copies of `group` not yet in its lists go through the network.
+  void insert_copies(int64_t group) {
+    with_levels([&](auto k) { insert_copies<decltype(k)::value>(group); });
+  }
+  template <int K>
+  void insert_copies(int64_t group) {
+    const V* x = copies.get() + group * capacity;
+    for (int end = 0; end < 2; ++end) {
+      V* value = values.data() + (group * 2 + end) * levels;
+      const A sign = end == 0 ? A(1) : A(-1);
+      if constexpr (K > 0) {
+        V level[K];
+        for (int j = 0; j < K; ++j) level[j] = value[j];
+        for (int64_t e = inserted[group]; e < copied[group]; ++e) insert<K>(level, K, x[e] * sign);
+        for (int j = 0; j < K; ++j) value[j] = level[j];
+      } else {
+        for (int64_t e = inserted[group]; e < copied[group]; ++e) insert<K>(value, levels, x[e] * sign);
+      }
+    }
+    inserted[group] = copied[group];
+  }
+  // Every level from the old list: no chain from level to level, no branch.
+  template <int K>
+  static LPNORM_INLINE void insert(V* value, int64_t count, V x) {
+    V above = value[0];
+    value[0] = x > above ? x : above;  // NaN never enters
+#pragma GCC unroll 16
+    for (int64_t j = 1; j < (K > 0 ? K : count); ++j) {
+      const V old = value[j];
+      const V down = above < x ? above : x;  // min(old[j-1], x), NaN when x is
+      value[j] = down > old ? down : old;
+      above = old;
+    }
+  }
+  // fn(std::integral_constant<int, levels>), or with 0 where the levels stay in memory
+  // (one level never gets here: it keeps its rows).
+  template <typename Fn>
+  void with_levels(Fn&& fn) const {
+    switch (levels) {
+      case 2: return fn(std::integral_constant<int, 2>{});
+      case 4: return fn(std::integral_constant<int, 4>{});
+      case 6: return fn(std::integral_constant<int, 6>{});
+      case 8: return fn(std::integral_constant<int, 8>{});
+      case 10: return fn(std::integral_constant<int, 10>{});
+      case 12: return fn(std::integral_constant<int, 12>{});
+      case 14: return fn(std::integral_constant<int, 14>{});
+      case 16: return fn(std::integral_constant<int, 16>{});
+      default: return fn(std::integral_constant<int, 0>{});
+    }
+  }
+
+  // Rows of the final values, from the copies in row order: lane i goes to the first free slot
+  // of its value (the slots past those of larger values), a value equal to the k-th only while
+  // such slots are left; it brings its own bits (the network may swap -0 and +0). The slot is
+  // counted against the lane's own values, gathered into whole vectors (`lane_values`), so a
+  // copy without hits costs two compares; both ends share one pass and one branch per copy.
+  // Vectors are only read and written whole, the rows and found values only lane by lane: a
+  // vector load of what a lane store just wrote waits for the store to retire.
+  void find_rows(int tail) {
+    if (levels == 1) {
+      rows.resize(static_cast<size_t>(groups * 2 * W));
+      found.resize(rows.size());
+      for (size_t l = 0; l < static_cast<size_t>(groups * 2); ++l) {
+        for (int i = 0; i < W; ++i) {
+          rows[l * W + i] = values[l][i] > -std::numeric_limits<A>::infinity() ? top_rows[l][i] : kFree;
+          found[l * W + i] = values[l][i];
+        }
+      }
+      return;
+    }
+    with_levels([&](auto k) { find_rows<decltype(k)::value>(tail); });
+  }
+  template <int K>
+  void find_rows(int tail) {
+    const A lowest = -std::numeric_limits<A>::max();  // v >= it: v beats an unfilled -inf
+    const int64_t per_lane = ((K > 0 ? K : per_end) + W - 1) / W;  // vectors of a lane's values
+    rows.assign(static_cast<size_t>(groups * 2 * per_end * W), kFree);
+    found.resize(rows.size());
+    lane_values.resize(static_cast<size_t>(2 * W * per_lane));
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      insert_copies(gi);
+      const M valid = gi + 1 < groups ? ~M{} : lanes_below<A>(tail);
+      V kth[2];
+      M ties_left[2];  // slots of values equal to the k-th, still free
+      for (int end = 0; end < 2; ++end) {
+        const V* list = values.data() + (gi * 2 + end) * levels + (levels - per_end);
+        const V last = list[per_end - 1];
+        kth[end] = last > lowest ? last : splat<V>(lowest);
+        ties_left[end] = M{};
+        A* lane = reinterpret_cast<A*>(lane_values.data() + end * W * per_lane);
+        std::fill(lane, lane + W * per_lane * W, -std::numeric_limits<A>::infinity());
+        for (int64_t j = 0; j < per_end; ++j) {
+          ties_left[end] -= list[j] == last & last > lowest;
+          for (int i = 0; i < W; ++i) lane[(i * per_lane) * W + j] = list[j][i];
+        }
+      }
+      const V* x = copies.get() + gi * capacity;
+      const R* x_row = copy_rows.get() + gi * capacity;
+      for (int64_t e = 0; e < copied[gi]; ++e) {
+        const V v[2] = {x[e], -x[e]};
+        if (bitmask(v[0] >= kth[0] | v[1] >= kth[1]) == 0) continue;  // most copies of long channels
+        uint32_t hits = 0;
+        for (int end = 0; end < 2; ++end) {
+          const M tie = v[end] == kth[end] & ties_left[end] > 0;
+          const M take = (v[end] > kth[end] | tie) & valid;
+          ties_left[end] += tie & take;  // -1 where a tie was taken
+          hits |= bitmask(take) << (end * W);
+        }
+        for (; hits != 0; hits &= hits - 1) {
+          const int b = __builtin_ctz(hits), end = b / W, i = b % W;
+          const A value = v[end][i];
+          const V* lane = lane_values.data() + (end * W + i) * per_lane;
+          int64_t j = 0;  // values above this one
+          for (int64_t q = 0; q < per_lane; ++q) j += __builtin_popcount(bitmask(lane[q] > value));
+          R* row = rows.data() + ((gi * 2 + end) * per_end) * W + i;
+          while (row[j * W] != kFree) ++j;  // equal values of earlier rows
+          row[j * W] = x_row[e];
+          found[static_cast<size_t>(row - rows.data()) + j * W] = value;
+        }
+      }
+    }
+  }
+
+  // Hands lanes [0, n) of `group` (channels c0 ...) to the tile's Candidate lists. All of a
+  // lane's entries go to one chunk's list, already in core's order (largest first, equal
+  // values by row). A list still empty (the usual case: one flush per chunk and tile) takes
+  // them as they are; one filled by an earlier flush of the chunk is merged with them in
+  // O(k) (offering them one by one cost O(k^2), seconds for k ~ m ~ 10^4).
   template <typename Ext>
-  void flush(const Ext& ext, int64_t group, int64_t c0, int n) const {
+  void flush(const Ext& ext, int64_t group, int64_t c0, int n) {
+    merged.resize(static_cast<size_t>(per_end));
     for (int end = 0; end < 2; ++end) {
       const size_t at = static_cast<size_t>((group * 2 + end) * per_end);
       for (int i = 0; i < n; ++i) {
-        // All of a lane's entries go to one chunk's list. A list still empty (the usual case:
-        // one flush per chunk and tile) takes them as they are, already in core's order
-        // (largest first, equal values by row); offering them one by one cost O(k^2).
-        Candidate* list = nullptr;
-        bool empty = false;
-        for (int64_t j = 0; j < per_end; ++j) {
-          const A v = values[at + j][i];
-          if (!(v > -std::numeric_limits<A>::infinity())) break;  // empty from here on
-          const int64_t index = base + static_cast<int64_t>(rows[at + j][i]);
-          if (list == nullptr) {
-            list = ext.lists(end == 0 ? ext.largest : ext.smallest, c0 + i, index);
-            empty = list[0].index == core::kNoIndex;
-          }
-          if (empty) {
-            list[j] = {static_cast<double>(v), index};
-          } else {
-            core::offer_extreme(list, per_end, static_cast<double>(v), index);
-          }
+        auto entry = [&](int64_t j) {
+          return Candidate{static_cast<double>(found[(at + j) * W + i]), base + rows[(at + j) * W + i]};
+        };
+        int64_t count = 0;
+        while (count < per_end && rows[(at + count) * W + i] != kFree) ++count;
+        if (count == 0) continue;
+        Candidate* list = ext.lists(end == 0 ? ext.largest : ext.smallest, c0 + i, entry(0).index);
+        if (list[0].index == core::kNoIndex) {
+          for (int64_t j = 0; j < count; ++j) list[j] = entry(j);
+          continue;
         }
+        for (int64_t out = 0, old = 0, j = 0; out < per_end; ++out) {
+          const bool take = j < count && core::candidate_beats(entry(j).value, entry(j).index, list[old]);
+          merged[out] = take ? entry(j++) : list[old++];
+        }
+        std::copy(merged.begin(), merged.end(), list);
       }
     }
   }
@@ -672,10 +842,11 @@ void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const
   };
   auto flush = [&](int64_t next_row) {  // lists to the Candidates, restart at next_row
     if constexpr (Ext::kActive) {
+      lists.find_rows(tail);
       for (int64_t gi = 0; gi < groups; ++gi) {
         lists.flush(ext, gi, t.c_begin + gi * W, gi + 1 < groups ? W : tail);
       }
-      lists.reset(groups, ext.per_end, next_row);
+      lists.reset(next_row);
     }
   };
   // The lists restart where a chunk ends and before their relative rows would overflow.
@@ -686,7 +857,7 @@ void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const
   int steps = 0;
   int64_t next_split = kNoSplit;
   if constexpr (Ext::kActive) {
-    lists.reset(groups, ext.per_end, t.row_begin);
+    lists.start(groups, ext.per_end, t.row_end - t.row_begin, t.row_begin);
     next_split = next_boundary(t.row_begin);
   }
   for_each_row(l, t.row_begin, t.row_end, [&](int64_t r, int64_t row_offset) {
@@ -707,6 +878,12 @@ void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const
       std::memcpy(&m, means.data() + gi * W, sizeof m);
       op(xv, gv, m, s0[gi], s1[gi]);
       if constexpr (Ext::kActive) lists.offer(gi, xv, r);
+    }
+    if constexpr (Ext::kActive) {
+      if (lists.full) {
+        flush(r + 1);
+        next_split = next_boundary(r + 1);
+      }
     }
     if (++steps == kFoldEvery) {
       fold();
