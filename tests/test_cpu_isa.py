@@ -125,8 +125,8 @@ def test_layouts_every_isa_and_schedule(isa, schedule, shape, layout, norm_kwarg
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("norm_kwargs", [dict(norm="l2"), dict(norm="topk", k=3)], ids=["l2", "topk"])
 @pytest.mark.parametrize("shape,layout", CASES + [((2, 3, 64, 70), contiguous), ((2, 3, 64, 70), misaligned),
-                                                  ((3, 64, 5, 7), channels_last)],
-                         ids=CASE_IDS + ["long-runs", "long-runs-misaligned", "nhwc-64"])
+                                                  ((3, 64, 5, 7), channels_last), ((16, 64), contiguous)],
+                         ids=CASE_IDS + ["long-runs", "long-runs-misaligned", "nhwc-64", "2d-64"])
 def test_non_temporal_stores(isa, shape, layout, dtype, norm_kwargs, monkeypatch):
     """Large outputs are written with non-temporal stores, whole aligned cache lines of long
     runs or channels-last rows only: forced here on small inputs, with runs long enough to

@@ -998,7 +998,8 @@ void map_channels_innermost(const Layout& l, const Tile& t, const T* x, const T*
   const int tail = static_cast<int>(channels - (groups - 1) * W);
   // Streaming only where every row writes whole cache lines (see map_channel_major).
   const auto line_multiple = [](int64_t elements) { return elements * sizeof(T) % kLineBytes == 0; };
-  stream = stream && line_multiple(channels) && line_multiple(l.stride_s) && line_multiple(l.stride_n);
+  stream = stream && line_multiple(channels) && (l.S == 1 || line_multiple(l.stride_s)) &&
+           (l.N == 1 || line_multiple(l.stride_n));
   std::vector<V> k(static_cast<size_t>(groups * 4));  // [group][parameter], lanes = channels
   for (int64_t c = 0; c < channels; ++c) {
     for (int j = 0; j < 4; ++j) k[(c / W) * 4 + j][c % W] = static_cast<A>(params(t.c_begin + c, j));
