@@ -146,12 +146,11 @@ Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64_t stre
   };
   if (cpu::walk_of(l) == cpu::Walk::ChannelsInnermost) {
     const auto fits_l2 = [&](int64_t span) { return m * span * element_bytes * streams <= l2_cache_bytes() * 7 / 8; };
-    const auto whole_spans = [&](int64_t bytes) {  // channels in `bytes` of a row, whole vectors of every build
-      return std::max(kChannelSpan, bytes / element_bytes / kChannelSpan * kChannelSpan);
-    };
     // Spans whose rows fit the L2 run fused like channel-major channels ((N, C) with few
-    // rows): kRowBytes of a row at a time where that leaves kMinFusedSpans tasks.
-    const int64_t fused_span = std::min(whole_spans(kRowBytes), whole_spans(l.C / kMinFusedSpans * element_bytes));
+    // rows): kRowBytes of a row at a time where that leaves kMinFusedSpans tasks, in whole
+    // kChannelSpan multiples (whole vectors of every build).
+    const int64_t wanted = std::min(kRowBytes / element_bytes, l.C / kMinFusedSpans);
+    const int64_t fused_span = std::max(kChannelSpan, wanted / kChannelSpan * kChannelSpan);
     if (forced != Forced::Split && (l.C + fused_span - 1) / fused_span >= kMinFusedSpans && fits_l2(fused_span)) {
       plan.fused = true;
       for (int64_t c = 0; c < l.C; c += fused_span) add(c, std::min(l.C, c + fused_span), 0);
