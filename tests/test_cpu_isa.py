@@ -213,6 +213,15 @@ def test_wide_channels_last_spans(isa, schedule, norm_kwargs):
     check(channels_last(batch((40, 200, 8, 8), torch.float32)), norm_kwargs, steps=1)
 
 
+@pytest.mark.parametrize("norm_kwargs", [dict(norm="l1"), dict(norm="topk", k=3)], ids=["l1", "topk-3"])
+@pytest.mark.parametrize("layout", [contiguous, sliced], ids=["nchw", "sliced"])
+def test_element_wise_pass_in_memory_order(isa, schedule, layout, norm_kwargs):
+    """Evaluation and the split schedule's element-wise pass walk NCHW planes in memory order,
+    all channels at once, in row blocks of about 256 KiB: here two blocks, the cut inside a plane
+    (5 x 1763 elements per channel)."""
+    check(layout(batch((5, 16, 41, 43), torch.float32)), norm_kwargs, steps=1)
+
+
 def lane_list_data(kind, rows, channels, dtype):
     """(rows, channels) data that makes per-lane lists hard: ties, signed zeros, infinities, NaN,
     rows sorted so every row enters the lists."""

@@ -426,6 +426,24 @@ LPNORM_INLINE void with_step_rows(int rows, Fn&& fn) {
   }
 }
 
+// Channel-major runs of one short plane each ((128,256,14,14): 392 bytes, the next plane of
+// the channel 100 KB further) start a new stream every few vectors, too short for the
+// hardware prefetcher: a run fetches the plane kPlanesAhead planes on.
+constexpr int64_t kPlanesAhead = 4;
+constexpr int64_t kShortRunBytes = 1024;
+
+// kWrite: the lines are about to be written (fetched for ownership).
+template <bool kWrite = false, typename T>
+LPNORM_INLINE void prefetch_next_plane(const Layout& l, const T* run, int64_t stride, int64_t length) {
+  const int64_t bytes = length * static_cast<int64_t>(sizeof(T));
+  if (stride != 1 || length != l.S || bytes > kShortRunBytes) return;
+  // Addresses only (a prefetch past the tensor is harmless; the pointer is never formed).
+  const uintptr_t ahead = reinterpret_cast<uintptr_t>(run) + kPlanesAhead * l.stride_n * sizeof(T);
+  for (uintptr_t line = ahead & ~(kLineBytes - 1); line < ahead + bytes; line += kLineBytes) {
+    __builtin_prefetch(reinterpret_cast<const void*>(line), kWrite ? 1 : 0);
+  }
+}
+
 // The fold of float lanes into double: every kFoldEvery vector steps, each lane has summed
 // at most that many values in float.
 constexpr int kFoldEvery = 64;
@@ -509,24 +527,22 @@ struct Extremes {
   Candidate* lists(Candidate* base, int64_t c, int64_t flat) const {
     return base + (c * chunks + flat / chunk_count) * per_end;
   }
-  // Largest values must beat hi, smallest must fall below lo.
-  void thresholds(int64_t c, int64_t flat, A& hi, A& lo) const {
-    hi = static_cast<A>(lists(largest, c, flat)[per_end - 1].value);
-    lo = static_cast<A>(-lists(smallest, c, flat)[per_end - 1].value);
+  // Largest values must beat hi, smallest must fall below lo (a run's lists: runs never cross
+  // a chunk, so the lists are found once per run, without a division per offer).
+  void thresholds(const Candidate* up_list, const Candidate* down_list, A& hi, A& lo) const {
+    hi = static_cast<A>(up_list[per_end - 1].value);
+    lo = static_cast<A>(-down_list[per_end - 1].value);
   }
-  // Offers lane i of x (flat index flat + i * flat_step, channel c + i * channel_step) to the
-  // largest values for every bit of `up`, to the smallest for every bit of `down`.
-  void offer(V x, uint32_t up, uint32_t down, int64_t c, int64_t channel_step, int64_t flat,
-             int64_t flat_step) const {
+  // Offers lane i of x (flat index flat + i) to the largest values for every bit of `up`, to
+  // the smallest for every bit of `down`.
+  void offer(V x, uint32_t up, uint32_t down, Candidate* up_list, Candidate* down_list, int64_t flat) const {
     for (; up != 0; up &= up - 1) {
       const int i = __builtin_ctz(up);
-      const int64_t index = flat + i * flat_step;
-      core::offer_extreme(lists(largest, c + i * channel_step, index), per_end, static_cast<double>(x[i]), index);
+      core::offer_extreme(up_list, per_end, static_cast<double>(x[i]), flat + i);
     }
     for (; down != 0; down &= down - 1) {
       const int i = __builtin_ctz(down);
-      const int64_t index = flat + i * flat_step;
-      core::offer_extreme(lists(smallest, c + i * channel_step, index), per_end, -static_cast<double>(x[i]), index);
+      core::offer_extreme(down_list, per_end, -static_cast<double>(x[i]), flat + i);
     }
   }
 };
@@ -554,13 +570,19 @@ void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g
                                                                 int64_t flat) {
       const T* px = x + offset;
       const T* pg = g != nullptr ? g + offset : nullptr;
-      if constexpr (Ext::kActive) ext.thresholds(c, flat, hi, lo);
+      Candidate *up_list = nullptr, *down_list = nullptr;
+      if constexpr (Ext::kActive) {
+        up_list = ext.lists(ext.largest, c, flat);
+        down_list = ext.lists(ext.smallest, c, flat);
+        ext.thresholds(up_list, down_list, hi, lo);
+      }
+      prefetch_next_plane(l, px, stride, length);
       auto check = [&](V v, int64_t first, uint32_t valid) {
         if constexpr (Ext::kActive) {
           const uint32_t up = bitmask(v > hi) & valid, down = bitmask(v < lo) & valid;
           if ((up | down) != 0) {
-            ext.offer(v, up, down, c, 0, first, 1);
-            ext.thresholds(c, first, hi, lo);
+            ext.offer(v, up, down, up_list, down_list, first);
+            ext.thresholds(up_list, down_list, hi, lo);
           }
         }
       };
@@ -992,13 +1014,22 @@ void map_channel_major(const Layout& l, const Tile& t, const T* x, const T* g, T
   using A = AccOf<T>;
   using V = VecOf<T>;
   constexpr int W = kLanes<T>;
-  for (int64_t c = t.c_begin; c < t.c_end; ++c) {
+  // A tile of several channels goes plane by plane in memory order (n outer, then c, as NCHW
+  // lies); one channel's planes are C planes apart, and short ones wait on memory one by one
+  // ((128,256,14,14) float32 evaluation: 2.7x torch channel by channel).
+  const bool memory_order = t.c_end - t.c_begin > 1 && l.S > 1 && t.row_end - t.row_begin > l.S;
+  auto channel_rows = [&](int64_t c, int64_t row_begin, int64_t row_end) {
     V k[4];
     for (int j = 0; j < 4; ++j) k[j] = splat<V>(static_cast<A>(params(c, j)));
-    for_each_run(l, c, t.row_begin, t.row_end, kNoSplit, [&](int64_t offset, int64_t stride, int64_t length, int64_t) {
+    for_each_run(l, c, row_begin, row_end, kNoSplit, [&](int64_t offset, int64_t stride, int64_t length, int64_t) {
       const T* px = x + offset;
       const T* pg = g != nullptr ? g + offset : nullptr;
       T* po = out + offset;
+      if (!memory_order) {
+        prefetch_next_plane(l, px, stride, length);
+        if (pg != nullptr) prefetch_next_plane(l, pg, stride, length);
+        prefetch_next_plane<true>(l, po, stride, length);
+      }
       // Elements [begin, end) of the run: whole vectors (streamed or not), then a partial one.
       auto span = [&](auto streamed, int64_t begin, int64_t end) {
         int64_t i = begin;
@@ -1032,6 +1063,15 @@ void map_channel_major(const Layout& l, const Tile& t, const T* x, const T* g, T
         span(std::false_type{}, 0, length);
       }
     });
+  };
+  if (memory_order) {
+    for (int64_t r = t.row_begin; r < t.row_end;) {
+      const int64_t next = std::min(t.row_end, (r / l.S + 1) * l.S);
+      for (int64_t c = t.c_begin; c < t.c_end; ++c) channel_rows(c, r, next);
+      r = next;
+    }
+  } else {
+    for (int64_t c = t.c_begin; c < t.c_end; ++c) channel_rows(c, t.row_begin, t.row_end);
   }
   stream_fence(stream);
 }

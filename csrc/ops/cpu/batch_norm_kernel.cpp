@@ -184,6 +184,25 @@ Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64_t stre
   return plan;
 }
 
+// The tiles of an element-wise pass that runs alone (evaluation; the split schedule's last
+// pass): channel-major layouts with planes as row blocks across every channel, which the
+// kernels walk in memory order; a channel at a time, short planes C planes apart wait on
+// memory one by one. Channels-innermost tiles already run in memory order.
+constexpr int64_t kApplyTileBytes = int64_t{256} << 10;
+
+Plan make_apply_plan(const core::ChannelLayout& l, int64_t element_bytes, Plan plan) {
+  if (cpu::walk_of(l) == cpu::Walk::ChannelsInnermost || l.S == 1 || l.N < 2 || l.C < 2) return plan;
+  const int64_t rows = l.count();
+  const int64_t blocks =
+      std::clamp<int64_t>(rows * l.C * element_bytes / kApplyTileBytes, 1, std::min<int64_t>(kMinTasks, rows));
+  Plan apply;
+  for (int64_t b = 0; b < blocks; ++b) {
+    apply.tiles.push_back({0, l.C, rows * b / blocks, rows * (b + 1) / blocks});
+    apply.part.push_back(0);
+  }
+  return apply;
+}
+
 template <typename Fn>
 void for_each_tile(const Plan& plan, const Fn& fn) {
   cpu_parallel_for(0, static_cast<int64_t>(plan.tiles.size()), 1, [&](int64_t begin, int64_t end) {
@@ -348,7 +367,7 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       }
       std::vector<core::Deviation> pool(static_cast<size_t>(core::deviation_scratch_size(spec)));
       for (int64_t c = 0; c < channels; ++c) finish(c, pool.data());
-      for_each_tile(plan, [&](const Tile& t, int64_t) { affine(t); });
+      for_each_tile(make_apply_plan(layout, x.element_size(), plan), [&](const Tile& t, int64_t) { affine(t); });
     }
     if (m > 0) {  // an empty batch leaves the running statistics alone, as torch
       update_running_stats(running_mean, running_var, mean.data(), unbiased.data(), channels, momentum);
@@ -360,7 +379,7 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       invstd[c] = 1.0 / std::sqrt(var[c] + eps);
       scale[c] = invstd[c] * w[c];
     }
-    for_each_tile(plan, [&](const Tile& t, int64_t) { affine(t); });
+    for_each_tile(make_apply_plan(layout, x.element_size(), plan), [&](const Tile& t, int64_t) { affine(t); });
   }
 
   write_values(save_mean, mean);
@@ -441,7 +460,7 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
       combine_sums(sum_gd, channels, plan.parts);
     }
     for (int64_t c = 0; c < channels; ++c) finish(c);
-    for_each_tile(plan, [&](const Tile& t, int64_t) { apply(t); });
+    for_each_tile(make_apply_plan(layout, x.element_size(), plan), [&](const Tile& t, int64_t) { apply(t); });
   }
   sum_g.resize(channels);
   const auto param_dtype = weight.has_value() && weight->defined() ? weight->scalar_type()
