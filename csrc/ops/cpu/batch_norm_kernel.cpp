@@ -29,6 +29,7 @@
 #include "cpu/kernels.h"
 #include "ops/batch_norm.h"
 #include "ops/cpu/parallel.h"
+#include "ops/cpu/scratch.h"
 
 
 namespace lpnorm::ops {
@@ -49,8 +50,8 @@ cpu::Dtype cpu_dtype(at::ScalarType type) {
 // A per-channel tensor (1-d, any stride; or any shape, contiguous: the saved [C, cols]
 // tensors, read without a reshape, which is a dispatcher call) as `count` float64 values, or
 // `fallback` when it is absent.
-std::vector<double> per_channel(const OptionalTensor& tensor, int64_t count, double fallback) {
-  std::vector<double> values(static_cast<size_t>(count), fallback);
+Values<double> per_channel(Scratch& scratch, const OptionalTensor& tensor, int64_t count, double fallback) {
+  const Values<double> values = scratch.take<double>(count, fallback);
   if (!tensor.has_value() || !tensor->defined()) return values;
   const Tensor& t = *tensor;
   const bool direct = t.dim() == 1 || t.is_contiguous();
@@ -63,22 +64,22 @@ std::vector<double> per_channel(const OptionalTensor& tensor, int64_t count, dou
     for (int64_t i = 0; i < count; ++i) values[i] = p[i * stride];
   } else {
     const Tensor as_double = t.to(at::kDouble).contiguous();
-    std::copy_n(as_double.const_data_ptr<double>(), count, values.begin());
+    std::copy_n(as_double.const_data_ptr<double>(), count, values.data());
   }
   return values;
 }
 
 // Writes values into a fresh contiguous tensor (float32 or float64).
-void write_values(const Tensor& out, const std::vector<double>& values) {
+void write_values(const Tensor& out, Values<double> values) {
   if (out.scalar_type() == at::kDouble) {
-    std::copy(values.begin(), values.end(), out.mutable_data_ptr<double>());
+    std::copy_n(values.data(), values.count, out.mutable_data_ptr<double>());
   } else {
     float* p = out.mutable_data_ptr<float>();
     for (size_t i = 0; i < values.size(); ++i) p[i] = static_cast<float>(values[i]);
   }
 }
 
-Tensor values_tensor(const std::vector<double>& values, const Tensor& like, at::ScalarType dtype) {
+Tensor values_tensor(Values<double> values, const Tensor& like, at::ScalarType dtype) {
   const bool direct = dtype == at::kFloat || dtype == at::kDouble;
   Tensor out = at::empty({static_cast<int64_t>(values.size())}, like.options().dtype(direct ? dtype : at::kDouble));
   write_values(out, values);
@@ -211,13 +212,13 @@ void for_each_tile(const Plan& plan, const Fn& fn) {
 }
 
 // Adds the partial sums of parts 1.. into part 0 ([parts][C] buffers), in part order.
-void combine_sums(std::vector<double>& parts, int64_t channels, int64_t count) {
+void combine_sums(Values<double> parts, int64_t channels, int64_t count) {
   for (int64_t p = 1; p < count; ++p) {
     for (int64_t c = 0; c < channels; ++c) parts[c] += parts[p * channels + c];
   }
 }
 
-void combine_extremes(std::vector<core::Candidate>& parts, int64_t channels, int64_t count, int64_t lists,
+void combine_extremes(Values<core::Candidate> parts, int64_t channels, int64_t count, int64_t lists,
                       int64_t per_end) {
   const int64_t stride = channels * lists;
   for (int64_t p = 1; p < count; ++p) {
@@ -249,9 +250,11 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
   void* yp = output.mutable_data_ptr();
   const bool stream = streams_output(x);
 
-  const std::vector<double> w = per_channel(weight, channels, 1.0), b = per_channel(bias, channels, 0.0);
-  std::vector<double> mean(channels), invstd(channels), scale(channels), coef(channels * 3, 0.0);
-  std::vector<double> sparse(channels * cols);
+  Scratch scratch;
+  const Values<double> w = per_channel(scratch, weight, channels, 1.0), b = per_channel(scratch, bias, channels, 0.0);
+  Values<double> mean = scratch.take<double>(channels);
+  const Values<double> invstd = scratch.take<double>(channels), scale = scratch.take<double>(channels);
+  const Values<double> coef = scratch.take<double>(channels * 3), sparse = scratch.take<double>(channels * cols);
   auto affine = [&](const Tile& t) {
     kernels.apply_affine({layout, dtype, xp, yp, mean.data(), scale.data(), b.data(), stream}, t);
   };
@@ -263,14 +266,17 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
     const int64_t lists = spec.chunks * per_end;  // candidates per channel and end
     const bool dense = spec.uses_deviation_sums();
     const core::ChannelConstants constants = core::channel_constants(spec, m);  // once per call (host integration)
-    std::vector<double> unbiased(channels);
+    const Values<double> unbiased = scratch.take<double>(channels);
     int64_t* index = sparse_index.mutable_data_ptr<int64_t>();
     const int64_t buffers = plan.fused ? 1 : plan.parts;
-    std::vector<double> sum(buffers * channels), deviation(buffers * channels), phi(buffers * channels);
-    std::vector<core::Candidate> largest(buffers * channels * lists), smallest(largest.size());
+    const Values<double> sum = scratch.take<double>(buffers * channels);
+    const Values<double> deviation = scratch.take<double>(buffers * channels), phi = scratch.take<double>(buffers * channels);
+    const Values<core::Candidate> largest = scratch.take<core::Candidate>(buffers * channels * lists);
+    const Values<core::Candidate> smallest = scratch.take<core::Candidate>(buffers * channels * lists);
     // l2 in one pass: sums of x - p and (x - p)^2 around a pivot p near the mean.
     const bool shifted = spec.kind == core::NormKind::L2 && !in_half;
-    std::vector<double> pivot(shifted ? buffers * channels : 0), sum_sq(pivot.size());
+    const Values<double> pivot = scratch.take<double>(shifted ? buffers * channels : 0);
+    const Values<double> sum_sq = scratch.take<double>(pivot.count);
 
     auto stats_args = [&](int64_t part) -> cpu::StatsArgs {
       return {layout,
@@ -365,7 +371,7 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
         combine_sums(deviation, channels, plan.parts);
         combine_sums(phi, channels, plan.parts);
       }
-      std::vector<core::Deviation> pool(static_cast<size_t>(core::deviation_scratch_size(spec)));
+      const Values<core::Deviation> pool = scratch.take<core::Deviation>(core::deviation_scratch_size(spec));
       for (int64_t c = 0; c < channels; ++c) finish(c, pool.data());
       for_each_tile(make_apply_plan(layout, x.element_size(), plan), [&](const Tile& t, int64_t) { affine(t); });
     }
@@ -373,8 +379,8 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       update_running_stats(running_mean, running_var, mean.data(), unbiased.data(), channels, momentum);
     }
   } else {
-    mean = per_channel(running_mean, channels, 0.0);
-    const std::vector<double> var = per_channel(running_var, channels, 1.0);
+    mean = per_channel(scratch, running_mean, channels, 0.0);
+    const Values<double> var = per_channel(scratch, running_var, channels, 1.0);
     for (int64_t c = 0; c < channels; ++c) {
       invstd[c] = 1.0 / std::sqrt(var[c] + eps);
       scale[c] = invstd[c] * w[c];
@@ -407,20 +413,22 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
   const cpu::Kernels& kernels = cpu::kernels();
   const cpu::Dtype dtype = cpu_dtype(x.scalar_type());
 
-  const std::vector<double> mean = per_channel(save_mean, channels, 0.0);
-  const std::vector<double> invstd = per_channel(save_invstd, channels, 0.0);
-  const std::vector<double> w = per_channel(weight, channels, 1.0);
-  const std::vector<double> coef = per_channel(save_coef, channels * 3, 0.0);
-  const std::vector<double> sparse = per_channel(sparse_coef, channels * cols, 0.0);
+  Scratch scratch;
+  const Values<double> mean = per_channel(scratch, save_mean, channels, 0.0);
+  const Values<double> invstd = per_channel(scratch, save_invstd, channels, 0.0);
+  const Values<double> w = per_channel(scratch, weight, channels, 1.0);
+  const Values<double> coef = per_channel(scratch, save_coef, channels * 3, 0.0);
+  const Values<double> sparse = per_channel(scratch, sparse_coef, channels * cols, 0.0);
   const Tensor index = sparse_index.contiguous();
   Tensor grad_input = at::empty_like(x);
 
   Plan plan = make_plan(layout, x.element_size(), 2);
   plan.fused = plan.fused && !in_half;
   const int64_t buffers = plan.fused ? 1 : plan.parts;
-  std::vector<double> sum_g(buffers * channels), sum_gd(buffers * channels);
-  std::vector<core::GradCoefficients> grad_coef(channels);
-  std::vector<double> grad_weight(channels);
+  Values<double> sum_g = scratch.take<double>(buffers * channels);
+  const Values<double> sum_gd = scratch.take<double>(buffers * channels);
+  const Values<core::GradCoefficients> grad_coef = scratch.take<core::GradCoefficients>(channels);
+  const Values<double> grad_weight = scratch.take<double>(channels);
   auto reduce = [&](const Tile& t, int64_t part) {
     kernels.reduce_grad({layout, dtype, grad.const_data_ptr(), x.const_data_ptr(), mean.data(),
                          sum_g.data() + part * channels, sum_gd.data() + part * channels},
@@ -462,7 +470,7 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
     for (int64_t c = 0; c < channels; ++c) finish(c);
     for_each_tile(make_apply_plan(layout, x.element_size(), plan), [&](const Tile& t, int64_t) { apply(t); });
   }
-  sum_g.resize(channels);
+  sum_g.count = channels;  // part 0: the combined sums
   const auto param_dtype = weight.has_value() && weight->defined() ? weight->scalar_type()
                                                                    : stats_dtype(x.scalar_type());
   return {in_layout_of(grad_input, input), values_tensor(grad_weight, x, param_dtype),
