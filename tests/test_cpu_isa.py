@@ -222,6 +222,17 @@ def test_element_wise_pass_in_memory_order(isa, schedule, layout, norm_kwargs):
     check(layout(batch((5, 16, 41, 43), torch.float32)), norm_kwargs, steps=1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", [contiguous, channels_last], ids=["nchw", "nhwc"])
+def test_l1_sign_of_zero_deviation(isa, layout, dtype):
+    """Channels of -1, 0, 1 in turn: the mean is exactly 0 and a third of the elements sit on it,
+    where phi = sign(d) is 0 (each build's vector sign; AVX-512 maps input classes in one
+    instruction). A sign of +1 or -1 there moves sum(phi) by m / 3 and the gradient with it."""
+    values = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64).repeat(6 * 5 * 7 * 9 // 3)
+    x = values.view(6, 7, 9, 5).permute(0, 3, 1, 2).contiguous() * torch.linspace(0.5, 2.0, 5).view(1, 5, 1, 1)
+    check(layout(x.to(dtype)), dict(norm="l1"), steps=1)
+
+
 def lane_list_data(kind, rows, channels, dtype):
     """(rows, channels) data that makes per-lane lists hard: ties, signed zeros, infinities, NaN,
     rows sorted so every row enters the lists."""

@@ -129,6 +129,22 @@ LPNORM_INLINE V vsign(V d) {
   return d > zero ? splat<V>(A(1)) : (d < zero ? splat<V>(A(-1)) : d * A(0));
 }
 
+#if defined(__AVX512F__)
+// One instruction instead of two compares, two blends and a multiply (the l1 deviation pass
+// is bound by its arithmetic on half inputs): vfixupimm maps each input class to a constant,
+// a nibble per class (QNaN, SNaN, zero, +1, -inf, +inf, negative, positive) -> (itself, quiet
+// NaN, +0, +1, -1, +1, -1, +1).
+constexpr int32_t kSignTable = static_cast<int32_t>(0xA9A9A821u);
+LPNORM_INLINE VF vsign(VF d) {
+  const __m512 v = reinterpret_cast<__m512>(d);
+  return reinterpret_cast<VF>(_mm512_fixupimm_ps(v, v, _mm512_set1_epi32(kSignTable), 0));
+}
+LPNORM_INLINE VD vsign(VD d) {
+  const __m512d v = reinterpret_cast<__m512d>(d);
+  return reinterpret_cast<VD>(_mm512_fixupimm_pd(v, v, _mm512_set1_epi64(kSignTable), 0));
+}
+#endif
+
 template <typename V>
 LPNORM_INLINE double hsum(V v) {
   double total = 0;
