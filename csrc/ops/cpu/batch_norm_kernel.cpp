@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "core/channel_math.h"
@@ -196,6 +197,7 @@ Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64_t stre
 // memory one by one. Channels-innermost tiles already run in memory order.
 constexpr int64_t kApplyTileBytes = int64_t{256} << 10;
 
+// `plan` (the pass's own, its last use: moved in) is returned where it serves.
 Plan make_apply_plan(const core::ChannelLayout& l, int64_t element_bytes, Plan plan) {
   if (cpu::walk_of(l) == cpu::Walk::ChannelsInnermost || l.S == 1 || l.N < 2 || l.C < 2) return plan;
   const int64_t rows = l.count();
@@ -378,7 +380,7 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       }
       const Values<core::Deviation> pool = scratch.take<core::Deviation>(core::deviation_scratch_size(spec));
       for (int64_t c = 0; c < channels; ++c) finish(c, pool.data());
-      for_each_tile(make_apply_plan(layout, x.element_size(), plan), [&](const Tile& t, int64_t) { affine(t); });
+      for_each_tile(make_apply_plan(layout, x.element_size(), std::move(plan)), [&](const Tile& t, int64_t) { affine(t); });
     }
     if (m > 0) {  // an empty batch leaves the running statistics alone, as torch
       update_running_stats(running_mean, running_var, mean.data(), unbiased.data(), channels, momentum);
@@ -390,7 +392,7 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       invstd[c] = 1.0 / std::sqrt(var[c] + eps);
       scale[c] = invstd[c] * w[c];
     }
-    for_each_tile(make_apply_plan(layout, x.element_size(), plan), [&](const Tile& t, int64_t) { affine(t); });
+    for_each_tile(make_apply_plan(layout, x.element_size(), std::move(plan)), [&](const Tile& t, int64_t) { affine(t); });
   }
 
   write_values(save_mean, mean);
@@ -473,7 +475,7 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
       combine_sums(sum_gd, channels, plan.parts);
     }
     for (int64_t c = 0; c < channels; ++c) finish(c);
-    for_each_tile(make_apply_plan(layout, x.element_size(), plan), [&](const Tile& t, int64_t) { apply(t); });
+    for_each_tile(make_apply_plan(layout, x.element_size(), std::move(plan)), [&](const Tile& t, int64_t) { apply(t); });
   }
   sum_g.count = channels;  // part 0: the combined sums
   const auto param_dtype = weight.has_value() && weight->defined() ? weight->scalar_type()
