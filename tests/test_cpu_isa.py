@@ -178,6 +178,16 @@ def test_ties_go_to_the_lowest_index_across_tiles(isa, schedule, layout, norm_kw
     check(x, norm_kwargs, steps=1)
 
 
+@pytest.mark.parametrize("layout", [contiguous, channels_last], ids=["nchw", "nhwc"])
+def test_range_of_a_constant_chunk(isa, layout):
+    """A constant chunk's max and min are one element (its lowest index): range's two sparse
+    gradient terms land on it and must add up, where one written over the other is off by
+    the chunk's whole coefficient."""
+    x = batch((8, 3, 4, 5), torch.float32)
+    x[:4, 1] = 0.5  # channel 1: the first of its two chunks
+    check(layout(x), dict(norm="range", chunks=2), steps=1)
+
+
 # Channels-innermost extremes go through per-lane lists (a vector of channels inserted at
 # once) in tiles of 64 channels: 150 channels leave a partial tile and a partial vector; k close
 # to m fills the lists from the first rows; chunks restart them mid-tile.
