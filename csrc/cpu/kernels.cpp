@@ -728,12 +728,12 @@ struct LaneLists {
     groups = group_count;
     per_end = k;
     levels = levels_for(k);
+    dense = rows <= kMaxCopies;
     if (levels > 1) {  // one level keeps its rows, no copies
       // A step of rows may run past the capacity before the walk looks at `full`.
       capacity = std::max<int64_t>(1, std::min(kMaxCopies, rows));
       stride = capacity + kRowsPerStep - 1;
       copies.reset(new V[static_cast<size_t>(groups * stride)]);
-      dense = rows <= kMaxCopies;
       copy_block = 1;
       while (levels <= kMaxLevels && copy_block < kMaxCopyBlock && rows >= 2 * copy_block * kBlocksPerLevel * k) {
         copy_block *= 2;
@@ -761,6 +761,8 @@ struct LaneLists {
     // One test for both ends: after the first rows most vectors beat neither k-th value.
     const bool beats = bitmask((x > up[levels - 1]) | (-x > up[2 * levels - 1])) != 0;
     if (levels == 1) {  // linf, range: one level keeps its row as cheaply as a copy
+      // (A blend either way, as the copies below, chained each row's values on the last's:
+      // (256, 1024) linf stats 30% slower.)
       if (!beats) return;
       for (int end = 0; end < 2; ++end) {
         const V v = end == 0 ? x : -x;
@@ -931,14 +933,15 @@ struct LaneLists {
           std::memcpy(&value[s], slot_values.data() + s * W, sizeof(V));
           std::memcpy(&row[s], slot_rows.data() + s * W, sizeof(M));
         }
-        // A slot's place: the slots of its lane before it in (value descending, row ascending).
+        // A slot's place: the slots of its lane before it in (value descending, row ascending);
+        // -1 for an empty slot and a lane that overflowed.
+        M filled[S];
+        for (int s = 0; s < most; ++s) filled[s] = (s < count) & ~overflow;
         for (int s = 0; s < most; ++s) {
           M before{};
-          for (int t = 0; t < most; ++t) {
-            const M ahead = t < s ? value[t] >= value[s] : value[t] > value[s];
-            before -= ahead & (t < count);
-          }
-          place[s] = before;
+          for (int t = 0; t < s; ++t) before -= value[t] >= value[s] & filled[t];
+          for (int t = s + 1; t < most; ++t) before -= value[t] > value[s] & filled[t];
+          place[s] = filled[s] ? before : splat<M>(-1);
         }
         R* out_row = rows.data() + (gi * 2 + end) * per_end * W;
         A* out_value = found.data() + (gi * 2 + end) * per_end * W;
@@ -946,7 +949,7 @@ struct LaneLists {
           M r = splat<M>(kFree);
           V f{};
           for (int s = 0; s < most; ++s) {
-            const M take = place[s] == static_cast<R>(j) & (s < count) & ~overflow;
+            const M take = place[s] == static_cast<R>(j);
             r = take ? row[s] : r;
             f = take ? value[s] : f;
           }
@@ -1418,14 +1421,12 @@ void apply_grad(const GradApplyArgs& a, const Tile& t) {
   with_element_type(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = AccOf<T>;
-    auto dense = [&](const Tile& part) {
-      with_phi(a.phi, [&](auto phi) {
-        map<T>(a.layout, part, a.x, a.grad, a.grad_x, params, GradApplyOp<phi.value, A>{static_cast<A>(a.power)},
-               a.stream);
-      });
-    };
+    with_phi(a.phi, [&](auto phi) {
+      map<T>(a.layout, t, a.x, a.grad, a.grad_x, params, GradApplyOp<phi.value, A>{static_cast<A>(a.power)},
+             a.stream);
+    });
     const int64_t per_channel = a.sparse_per_channel;
-    if (per_channel == 0) return dense(t);
+    if (per_channel == 0) return;
     // The sparse terms: those few elements are recomputed whole (in double), so they are
     // rounded once.
     const Layout& l = a.layout;
@@ -1438,11 +1439,10 @@ void apply_grad(const GradApplyArgs& a, const Tile& t) {
       const int64_t offset = l.S == 1 ? l.offset(flat, c, 0) : l.offset(flat / l.S, c, flat % l.S);
       const double d = static_cast<double>(core::Element<T>::load(x[offset])) - a.mean[c];
       const double gv = static_cast<double>(core::Element<T>::load(g[offset]));
-      const double dense_term = k.scale_g * gv + k.scale_phi * core::phi(a.phi, d, a.power) + k.offset;
+      const double dense = k.scale_g * gv + k.scale_phi * core::phi(a.phi, d, a.power) + k.offset;
       using acc = typename core::Element<T>::acc;
-      out[offset] = core::Element<T>::store(static_cast<acc>(dense_term + k.sparse_scale * sparse));
+      out[offset] = core::Element<T>::store(static_cast<acc>(dense + k.sparse_scale * sparse));
     };
-    dense(t);
     for (int64_t c = t.c_begin; c < t.c_end; ++c) {
       const int64_t* index = a.sparse_index + c * per_channel;
       const double* coef = a.sparse_coef + c * per_channel;
