@@ -914,9 +914,9 @@ struct LaneLists {
         const A sign = end == 0 ? A(1) : A(-1);
         int taken[W] = {};
         for (int64_t q = 0; q < kept_count[end]; ++q) {
-          const R id = kept[end][q];
-          const int lane = static_cast<int>(id % W);
-          const size_t at = static_cast<size_t>(std::min(taken[lane]++, S) * W + lane);  // slot S: past capacity
+          const auto id = static_cast<size_t>(kept[end][q]);  // unsigned: / and % by W are shifts
+          const size_t lane = id % W;
+          const size_t at = static_cast<size_t>(std::min(taken[lane]++, S)) * W + lane;  // slot S: past capacity
           slot_values[at] = sign * copy_value[id];
           slot_rows[at] = x_row[id / W];
         }
