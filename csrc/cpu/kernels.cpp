@@ -1220,7 +1220,9 @@ void map_channel_major(const Layout& l, const Tile& t, const T* x, const T* g, T
         prefetch_next_plane<true>(l, po, stride, length);
       }
       // Elements [begin, end) of the run: whole vectors (streamed or not), then a partial one.
-      auto span = [&](auto streamed, int64_t begin, int64_t end) {
+      // Inlined by force: with three callers GCC kept it out of line once this file grew, and
+      // (64,32,32,32) bfloat16 l2 fwd+bwd at 2 threads went from 0.82 to 1.04-1.30x torch.
+      auto span = [&](auto streamed, int64_t begin, int64_t end) __attribute__((always_inline)) {
         int64_t i = begin;
         for (; i + W <= end; i += W) {
           const V gv = pg != nullptr ? load_run(pg + i * stride, stride, W) : V{};
