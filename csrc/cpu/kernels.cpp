@@ -683,7 +683,7 @@ std::vector<A> channel_values(const double* values, const Tile& t, int W, double
 // flush puts each copy's lanes at or above the bound into per-lane slots, in row order
 // (select_rows), and ranks the slots of all lanes at once. Where k is large the network takes
 // every copy, so its k-th value is exact, and the flush places each row by counting the
-// lane's values above it (find_rows). The copies are sequential and in cache; the rows
+// lane's values above it (find_rows_exact). The copies are sequential and in cache; the rows
 // themselves may be 4 KiB apart ((N, C)) and evict each other from L1.
 template <typename A>
 struct LaneLists {
@@ -734,11 +734,11 @@ struct LaneLists {
       capacity = std::max<int64_t>(1, std::min(kMaxCopies, rows));
       stride = capacity + kRowsPerStep - 1;
       copies.reset(new V[static_cast<size_t>(groups * stride)]);
+      copy_rows.reset(new R[static_cast<size_t>(groups * stride)]);
       copy_block = 1;
       while (levels <= kMaxLevels && copy_block < kMaxCopyBlock && rows >= 2 * copy_block * kBlocksPerLevel * k) {
         copy_block *= 2;
       }
-      copy_rows.reset(new R[static_cast<size_t>(groups * stride)]);
     }
     values.resize(static_cast<size_t>(groups * 2 * levels));
     top_rows.resize(static_cast<size_t>(groups * 2));
@@ -847,13 +847,7 @@ struct LaneLists {
     }
   }
 
-  // Rows of the final values, from the copies in row order: lane i goes to the first free slot
-  // of its value (the slots past those of larger values), a value equal to the k-th only while
-  // such slots are left; it brings its own bits (the network may swap -0 and +0). The slot is
-  // counted against the lane's own values, gathered into whole vectors (`lane_values`), so a
-  // copy without hits costs two compares; both ends share one pass and one branch per copy.
-  // Vectors are only read and written whole, the rows and found values only lane by lane: a
-  // vector load of what a lane store just wrote waits for the store to retire.
+  // The rows of the lists: one-level lists kept them; longer ones are settled from the copies.
   void find_rows(int tail) {
     if (levels == 1) {
       rows.resize(static_cast<size_t>(groups * 2 * W));
@@ -982,10 +976,17 @@ struct LaneLists {
     }
   }
 
+  // Where the network kept every copy (k > kMaxLevels), so its k-th values are exact. Rows of
+  // the final values, from the copies in row order: lane i goes to the first free slot
+  // of its value (the slots past those of larger values), a value equal to the k-th only while
+  // such slots are left; it brings its own bits (the network may swap -0 and +0). The slot is
+  // counted against the lane's own values, gathered into whole vectors (`lane_values`), so a
+  // copy without hits costs two compares; both ends share one pass and one branch per copy.
+  // Vectors are only read and written whole, the rows and found values only lane by lane: a
+  // vector load of what a lane store just wrote waits for the store to retire.
   void find_rows_exact(int tail) {
-    constexpr int K = 0;
     const A lowest = -std::numeric_limits<A>::max();  // v >= it: v beats an unfilled -inf
-    const int64_t per_lane = ((K > 0 ? K : per_end) + W - 1) / W;  // vectors of a lane's values
+    const int64_t per_lane = (per_end + W - 1) / W;  // vectors of a lane's values
     rows.assign(static_cast<size_t>(groups * 2 * per_end * W), kFree);
     found.resize(rows.size());
     lane_values.resize(static_cast<size_t>(2 * W * per_lane));
