@@ -110,7 +110,7 @@ LPNORM_HOST_DEVICE inline bool deviation_before(const Deviation& a, const Deviat
   return ka > kb || (ka == kb && a.index < b.index);
 }
 
-// Lists up to this long merge without a branch per pick (pick_largest_deviations).
+// Lists up to this long have their |d| computed before the merge (pick_largest_deviations).
 constexpr int64_t kShortList = 16;
 
 // The `picks` largest |x - mean| of one chunk, largest first, into pool[0, returned count).
