@@ -447,6 +447,41 @@ def test_top_deviations_are_picked_in_order(isa, schedule, shape, layout, norm_k
     assert torch.all((coef.double() * picked.sign() >= 0) & (coef != 0) | (picked == 0))
 
 
+def symmetric_offset_data(rows, channels, offset, scale):
+    """offset + small integers * scale with each channel's rows paired as r, -r: the mean is the
+    offset exactly, so |x - mean| ties across the two ends many times, and the sums are exact in
+    float (the float mean and the double mean agree)."""
+    gen = torch.Generator().manual_seed(rows + channels)
+    half = torch.randint(-3, 4, (rows // 2, channels), generator=gen, dtype=torch.float64)
+    order = torch.stack([torch.randperm(rows, generator=gen) for _ in range(channels)], 1)
+    return (offset + torch.cat([half, -half]) * scale).gather(0, order)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["gaussian", "ties", "signed-zeros", "ascending", "offset"])
+@pytest.mark.parametrize("k", [2, 7, 10, 16])
+def test_top_deviations_of_lane_lists(isa, kind, k, dtype):
+    """(N, C) inputs whose rows fit the caches take the forward with per-lane lists that keep
+    only what can be among the k largest |x - mean| (a bound on the k-th from one network, then
+    the values beyond mean +- that bound): the saved indices are still exactly the reference's,
+    with ties across the ends, signed zeros, every row entering the lists, and a mean of 100
+    where |x - mean| in float rounds coarsely. (Data whose sums are exact, so the kernel's mean
+    is the reference's and ties of |x - mean| are ties for both.)"""
+    for rows, channels in [(40, 37), (256, 70)]:
+        if kind == "offset":
+            if dtype == torch.bfloat16:
+                continue  # 100 + j / 256 is not a bfloat16
+            x = symmetric_offset_data(rows, channels, 100.0, 2.0 ** -8).to(dtype)
+        elif kind == "ascending":  # whole numbers (exact sums), sorted up or down: every row enters
+            x = (torch.arange(rows).view(rows, 1) * (1 - 2 * (torch.arange(channels) % 2)) + torch.arange(channels) % 5)
+            x = x.to(dtype)
+        else:
+            x = lane_list_data(kind, rows, channels, dtype)
+        _, _, _, _, index, _ = torch.ops.lpnorm.batch_norm_forward(
+            x, None, None, None, None, True, 0.1, 1e-5, "topk", k, 2.0, 1, "exact", "float")
+        assert torch.equal(index, reference_top_indices(x, k, 1)), (kind, rows, k)
+
+
 def test_top_deviations_with_nan(isa):
     """A NaN channel gives NaN statistics (and still valid indices); the other channels' picks
     stay exact."""

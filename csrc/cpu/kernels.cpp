@@ -14,6 +14,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -557,6 +558,7 @@ struct Extremes {
   Candidate* largest;   // [C][chunks][per_end]
   Candidate* smallest;
   int64_t chunks, per_end, chunk_count;
+  bool deviation_lists = false;  // StatsArgs::deviation_lists
 
   int64_t split() const { return chunks > 1 ? chunk_count : kNoSplit; }
   Candidate* lists(Candidate* base, int64_t c, int64_t flat) const {
@@ -707,7 +709,7 @@ struct LaneLists {
   static constexpr int kSlots = 32;
   int64_t per_end = 0, levels = 0, base = 0, groups = 0, capacity = 0, stride = 0;
   int64_t copy_block = 1;  // copies per network entry
-  bool dense = false;      // most vectors are copied (see offer)
+  bool dense = false;      // every vector is copied (see every_copy)
   bool full = false;
   std::vector<V> values;  // [group][end][levels], sorted largest first, the top levels - per_end +inf
   std::unique_ptr<V[]> copies;   // [group][stride]
@@ -721,6 +723,9 @@ struct LaneLists {
   std::vector<R> kept_ids;  // [end][...]: select_rows' candidates, packed (copy * W + lane)
   std::vector<A> slot_values;  // [kSlots + 1][W]: one end's candidates by lane, then the spill
   std::vector<R> slot_rows;
+  // Set before the last flush where the lists need only cover the k largest |x - mean|
+  // (StatsArgs::deviation_lists): each group's means, in the accumulation type.
+  std::vector<V> deviation_means;
 
   static int64_t levels_for(int64_t k) { return k == 1 ? 1 : k <= kMaxLevels ? (k + 1) / 2 * 2 : k; }
   // For a walk of `rows` rows, `group_count` vectors of channels wide.
@@ -735,6 +740,7 @@ struct LaneLists {
       stride = capacity + kRowsPerStep - 1;
       copies.reset(new V[static_cast<size_t>(groups * stride)]);
       copy_rows.reset(new R[static_cast<size_t>(groups * stride)]);
+      for (int64_t g = 0; dense && g < groups; ++g) std::iota(&copy_rows[g * stride], &copy_rows[(g + 1) * stride], R{0});
       copy_block = 1;
       while (levels <= kMaxLevels && copy_block < kMaxCopyBlock && rows >= 2 * copy_block * kBlocksPerLevel * k) {
         copy_block *= 2;
@@ -754,36 +760,66 @@ struct LaneLists {
     }
     copied.assign(static_cast<size_t>(groups), 0);
     inserted.assign(static_cast<size_t>(groups), 0);
+    deviation_means.clear();
+  }
+  // The k largest |x - mean| need one network, not two, and fewer candidates than the two
+  // ends' k largest values: a bound b on the k-th largest |x - mean| leaves the values at or
+  // above mean + b and at or below mean - b, the first entries of each end's full list. Only
+  // where the rows of every copy since the last flush are the whole channel, before that flush,
+  // and the network keeps a bound (select_rows).
+  void cover_deviations(const double* sums, int64_t channels, int64_t count) {
+    if (!dense || levels <= 1 || levels > kMaxLevels || count <= 0) return;
+    deviation_means.assign(static_cast<size_t>(groups), V{});
+    for (int64_t c = 0; c < channels; ++c) deviation_means[c / W][c % W] = static_cast<A>(sums[c] / static_cast<double>(count));
+  }
+
+  // One-level lists (linf, range) keep their rows as cheaply as a copy: the walk holds a
+  // group's two ends in registers for a step of rows (`Top`), and each row takes a compare and
+  // two blends per end, no branch ((256, 1024) linf stats pass: a branch per row on whether
+  // any lane beats mispredicted on a third of the rows).
+  struct Top {
+    V value[2];
+    M row[2];
+  };
+  LPNORM_INLINE Top top(int64_t group) const {
+    return {{values[group * 2], values[group * 2 + 1]}, {top_rows[group * 2], top_rows[group * 2 + 1]}};
+  }
+  LPNORM_INLINE void keep(int64_t group, const Top& t) {
+    for (int end = 0; end < 2; ++end) {
+      values[group * 2 + end] = t.value[end];
+      top_rows[group * 2 + end] = t.row[end];
+    }
+  }
+  LPNORM_INLINE void offer_top(Top& t, V x, int64_t r) const {
+    const M row = splat<M>(static_cast<R>(r - base));
+    for (int end = 0; end < 2; ++end) {
+      const V v = end == 0 ? x : -x;
+      const M beats = v > t.value[end];  // NaN never; an equal value of a later row never
+      t.value[end] = beats ? v : t.value[end];
+      t.row[end] = beats ? row : t.row[end];
+    }
   }
 
   LPNORM_INLINE void offer(int64_t group, V x, int64_t r) {
     const V* up = values.data() + group * 2 * levels;
     // One test for both ends: after the first rows most vectors beat neither k-th value.
     const bool beats = bitmask((x > up[levels - 1]) | (-x > up[2 * levels - 1])) != 0;
-    if (levels == 1) {  // linf, range: one level keeps its row as cheaply as a copy
-      // (A blend either way, as the copies below, chained each row's values on the last's:
-      // (256, 1024) linf stats 30% slower.)
-      if (!beats) return;
-      for (int end = 0; end < 2; ++end) {
-        const V v = end == 0 ? x : -x;
-        V& value = values[group * 2 + end];
-        const M beats_end = v > value;
-        value = beats_end ? v : value;
-        top_rows[group * 2 + end] = beats_end ? splat<M>(static_cast<R>(r - base)) : top_rows[group * 2 + end];
-      }
-      return;
-    }
-    // Where most vectors beat the bound (spans up to kMaxCopies rows: m = 256, k = 10, 3 in 4)
-    // a vector is stored either way and kept by counting it: a branch on it mispredicted. Long
-    // spans skip the stores (NHWC (32,64,56,56): their stats pass was 10-20% slower with them).
-    if (!beats && !dense) return;
+    if (!beats) return;
     int64_t& n = copied[group];
     copies[group * stride + n] = x;
     copy_rows[group * stride + n] = static_cast<R>(r - base);
-    n += beats ? 1 : 0;
+    ++n;
     if (n - inserted[group] == kBatchPerLevel * levels) insert_copies(group);
     full |= n >= capacity;
   }
+  // Spans of at most kMaxCopies rows (m = 256, k = 10: 3 in 4 vectors beat the bound) copy
+  // every vector, without a test, and the walk takes them group by group like a plain sum
+  // ((256, 1024) topk forward 10% faster: the test and the lists' state in memory, row by row,
+  // cost more than the network saved). Long spans keep the test (NHWC (32,64,56,56): their
+  // stats pass was 10-20% slower storing every vector). every_copy: where row r of `group`
+  // goes (copy_rows already says r - base: see start).
+  LPNORM_INLINE V* every_copy(int64_t group, int64_t r) { return copies.get() + group * stride + (r - base); }
+  LPNORM_INLINE void copied_every(int64_t group, int64_t r_end) { copied[group] = r_end - base; }
 
   // The copies of `group` not yet in its lists go through the network.
   void insert_copies(int64_t group) {
@@ -793,14 +829,17 @@ struct LaneLists {
   void insert_copies(int64_t group) {
     const V* x = copies.get() + group * stride;
     const int64_t block = K > 0 ? copy_block : 1;  // see the comment above LaneLists
-    for (int end = 0; end < 2; ++end) {
+    const bool by_deviation = !deviation_means.empty();  // one network, of |x - mean|
+    for (int end = 0; end < (by_deviation ? 1 : 2); ++end) {
       V* value = values.data() + (group * 2 + end) * levels;
       const A sign = end == 0 ? A(1) : A(-1);
+      const V mean = by_deviation ? deviation_means[group] : V{};
+      auto entry = [&](int64_t e) { return by_deviation ? vabs(x[e] - mean) : x[e] * sign; };
       // The block's maximum, NaN skipped (it never enters the lists).
       auto block_max = [&](int64_t e) {
-        V m = x[e] * sign;
+        V m = entry(e);
         for (int64_t b = 1; b < block && e + b < copied[group]; ++b) {
-          const V v = x[e + b] * sign;
+          const V v = entry(e + b);
           m = v > m ? v : m;
           m = m == m ? m : v;
         }
@@ -892,6 +931,16 @@ struct LaneLists {
       for (int end = 0; end < 2; ++end) {
         const V last = values[(gi * 2 + end) * levels + levels - 1];
         bound[end] = last > lowest ? last : splat<V>(lowest);
+      }
+      if (!deviation_means.empty()) {
+        // b from the |x - mean| network, less a margin far above the rounding of |x - mean|
+        // and mean +- b in A (a few ulps of |b| + |mean|); the full lists where it is not finite.
+        const V mean = deviation_means[gi], b = values[gi * 2 * levels + levels - 1];
+        const V margin = (vabs(b) + vabs(mean)) * A(1.0 / (1 << 19));
+        const auto finite = margin < std::numeric_limits<A>::infinity();  // NaN and -inf too
+        const V near = b - margin;
+        bound[0] = finite ? mean + near : splat<V>(lowest);
+        bound[1] = finite ? near - mean : splat<V>(lowest);  // -x >= bound: x <= mean - near
       }
       const V* x = copies.get() + gi * stride;
       const R* x_row = copy_rows.get() + gi * stride;
@@ -1094,6 +1143,10 @@ void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const
   };
   auto flush = [&](int64_t next_row) {  // lists to the Candidates, restart at next_row
     if constexpr (Ext::kActive) {
+      // The last flush of a whole channel, where the caller needs only the largest |x - mean|.
+      if (ext.deviation_lists && next_row == t.row_end && lists.base == 0 && t.row_end == l.count()) {
+        lists.cover_deviations(t0.data(), channels, l.count());
+      }
       lists.find_rows(tail);
       for (int64_t gi = 0; gi < groups; ++gi) {
         lists.flush(ext, gi, t.c_begin + gi * W, gi + 1 < groups ? W : tail);
@@ -1117,7 +1170,7 @@ void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const
       steps = 0;
     }
     // Row q of the step, channel vector gi, into the accumulators a0, a1.
-    auto visit = [&](int q, int64_t gi, V& a0, V& a1) {
+    auto visit = [&](int q, int64_t gi, V& a0, V& a1, auto&& offer) {
       const int n = gi + 1 < groups ? W : tail;  // lanes past n compute on zeros, never folded
       const T* px = x + offsets[q] + t.c_begin + gi * W;
       const V xv = n == W ? Io<T>::load(px) : load_first(px, n);
@@ -1129,18 +1182,38 @@ void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const
       V m;
       std::memcpy(&m, means.data() + gi * W, sizeof m);
       op(xv, gv, m, a0, a1);
-      if constexpr (Ext::kActive) lists.offer(gi, xv, r0 + q);
+      offer(xv);
     };
     with_step_rows(rows, [&](auto count) {
-      if constexpr (Ext::kActive) {
+      if (Ext::kActive && lists.levels == 1) {
+        for (int64_t gi = 0; gi < groups; ++gi) {  // as below, with the lists' two ends
+          V a0 = s0[gi], a1 = s1[gi];
+          auto top = lists.top(gi);
+          for (int q = 0; q < count; ++q) visit(q, gi, a0, a1, [&](V xv) { lists.offer_top(top, xv, r0 + q); });
+          s0[gi] = a0;
+          s1[gi] = a1;
+          lists.keep(gi, top);
+        }
+      } else if (Ext::kActive && lists.dense) {
+        for (int64_t gi = 0; gi < groups; ++gi) {  // as below, every vector copied
+          V a0 = s0[gi], a1 = s1[gi];
+          V* copy = lists.every_copy(gi, r0);
+          for (int q = 0; q < count; ++q) visit(q, gi, a0, a1, [&](V xv) { copy[q] = xv; });
+          s0[gi] = a0;
+          s1[gi] = a1;
+          lists.copied_every(gi, r0 + count);
+        }
+      } else if constexpr (Ext::kActive) {
         // Row by row: consecutive offers to one group's lists would wait for each other.
         for (int q = 0; q < count; ++q) {
-          for (int64_t gi = 0; gi < groups; ++gi) visit(q, gi, s0[gi], s1[gi]);
+          for (int64_t gi = 0; gi < groups; ++gi) {
+            visit(q, gi, s0[gi], s1[gi], [&](V xv) { lists.offer(gi, xv, r0 + q); });
+          }
         }
       } else {
         for (int64_t gi = 0; gi < groups; ++gi) {  // the step's rows into accumulators in registers
           V a0 = s0[gi], a1 = s1[gi];
-          for (int q = 0; q < count; ++q) visit(q, gi, a0, a1);
+          for (int q = 0; q < count; ++q) visit(q, gi, a0, a1, [](V) {});
           s0[gi] = a0;
           s1[gi] = a1;
         }
@@ -1373,7 +1446,8 @@ void collect_stats(const StatsArgs& a, const Tile& t) {
       }
       reduce<T>(a.layout, t, a.x, nullptr, a.pivot, ShiftedSumsOp{}, NoExtremes{}, a.sum, a.sum_sq);
     } else if (a.per_end > 0) {
-      const Extremes<AccOf<T>> ext{a.largest, a.smallest, a.chunks, a.per_end, a.layout.count() / a.chunks};
+      const Extremes<AccOf<T>> ext{a.largest, a.smallest, a.chunks, a.per_end, a.layout.count() / a.chunks,
+                                   a.deviation_lists && a.chunks == 1};
       reduce<T>(a.layout, t, a.x, nullptr, nullptr, SumOp{}, ext, a.sum, nullptr);
     } else {
       reduce<T>(a.layout, t, a.x, nullptr, nullptr, SumOp{}, NoExtremes{}, a.sum, nullptr);

@@ -47,6 +47,10 @@ struct StatsArgs {
   // elements, written here), and `sum` gets sum (x - p), sum_sq sum (x - p)^2.
   double* pivot = nullptr;        // [C]
   double* sum_sq = nullptr;       // [C]
+  // The lists need only hold what can be among each channel's per_end largest |x - mean|,
+  // the mean being sum / count (the fused forward's pick): a list may stop early, always at
+  // a prefix of the full list. Used where a tile holds whole channels and chunks is 1.
+  bool deviation_lists = false;
 };
 
 struct DeviationArgs {

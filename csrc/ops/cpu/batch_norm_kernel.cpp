@@ -295,7 +295,8 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
               largest.data() + part * channels * lists,
               smallest.data() + part * channels * lists,
               shifted ? pivot.data() + part * channels : nullptr,
-              shifted ? sum_sq.data() + part * channels : nullptr};
+              shifted ? sum_sq.data() + part * channels : nullptr,
+              plan.fused && spec.kind == core::NormKind::TopK};  // finish picks the largest |d| only
     };
     auto channel_mean = [&](int64_t c) {
       if (m == 0) return 0.0;
