@@ -51,6 +51,13 @@ LPNORM_HOST_DEVICE LPNORM_INLINE void merge_extremes(Candidate* into, const Cand
   }
 }
 
+// An element of the pool from which the largest |x - mean| of a chunk are picked.
+struct Deviation {
+  double x;
+  int64_t index;
+  double magnitude;  // |x - mean|; NaN sorts last
+};
+
 // What the statistics passes collected for one channel.
 struct ChannelSums {
   int64_t count = 0;           // m, the elements of the channel
@@ -59,6 +66,9 @@ struct ChannelSums {
   double phi_sum = 0;          // sum phi(d)  (dense norms, second pass)
   const Candidate* largest = nullptr;   // [chunks][extremes_per_end], values x
   const Candidate* smallest = nullptr;  // [chunks][extremes_per_end], values -x
+  // topk with one chunk, where a backend picked the largest |x - mean| itself: what
+  // pick_largest_deviations would return, in its order, index kNoIndex past the last.
+  const Deviation* picked = nullptr;
 };
 
 // The channel's statistics and the coefficients of dsigma/dx_i = a * phi(d_i) + b + sparse_i.
@@ -88,13 +98,6 @@ struct ChannelConstants {
 
 // Host only: the constants of `spec` for channels of `count` elements.
 ChannelConstants channel_constants(const NormSpec& spec, int64_t count);
-
-// An element of the pool from which the largest |x - mean| of a chunk are picked.
-struct Deviation {
-  double x;
-  int64_t index;
-  double magnitude;  // |x - mean|; NaN sorts last
-};
 
 // Scratch entries channel_statistics_with needs: the pool of one chunk.
 LPNORM_HOST_DEVICE inline int64_t deviation_scratch_size(const NormSpec& spec) { return 2 * spec.extremes_per_end(); }
@@ -236,13 +239,19 @@ LPNORM_HOST_DEVICE void extreme_statistics(const NormSpec& spec, const ChannelSu
       coef_sum += c0;
       coef_sum += c1;
     } else {
-      const int64_t top = pick_largest_deviations(largest, smallest, per_end, per_chunk, stats.mean, pool);
+      const Deviation* picked = sums.picked != nullptr ? sums.picked : pool;
+      int64_t top = 0;
+      if (sums.picked != nullptr) {
+        while (top < per_chunk && picked[top].index != kNoIndex) ++top;
+      } else {
+        top = pick_largest_deviations(largest, smallest, per_end, per_chunk, stats.mean, pool);
+      }
       double total = 0;
       for (int64_t i = 0; i < per_chunk; ++i) {
         const bool found = i < top;
-        total += found ? pool[i].magnitude : nan;
-        index[i] = found ? pool[i].index : 0;
-        const double c = found ? sign_of(pool[i].x - stats.mean) * per_pick : nan;
+        total += found ? picked[i].magnitude : nan;
+        index[i] = found ? picked[i].index : 0;
+        const double c = found ? sign_of(picked[i].x - stats.mean) * per_pick : nan;
         coef[i] = static_cast<Coef>(c);
         coef_sum += c;
       }

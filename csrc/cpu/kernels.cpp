@@ -559,6 +559,7 @@ struct Extremes {
   Candidate* smallest;
   int64_t chunks, per_end, chunk_count;
   bool deviation_lists = false;  // StatsArgs::deviation_lists
+  core::Deviation* picked = nullptr;  // StatsArgs::picked
 
   int64_t split() const { return chunks > 1 ? chunk_count : kNoSplit; }
   Candidate* lists(Candidate* base, int64_t c, int64_t flat) const {
@@ -726,6 +727,7 @@ struct LaneLists {
   // Set before the last flush where the lists need only cover the k largest |x - mean|
   // (StatsArgs::deviation_lists): each group's means, in the accumulation type.
   std::vector<V> deviation_means;
+  std::vector<double> exact_means;  // [group][W]: the same, as core has them
 
   static int64_t levels_for(int64_t k) { return k == 1 ? 1 : k <= kMaxLevels ? (k + 1) / 2 * 2 : k; }
   // For a walk of `rows` rows, `group_count` vectors of channels wide.
@@ -761,6 +763,7 @@ struct LaneLists {
     copied.assign(static_cast<size_t>(groups), 0);
     inserted.assign(static_cast<size_t>(groups), 0);
     deviation_means.clear();
+    exact_means.clear();
   }
   // The k largest |x - mean| need one network, not two, and fewer candidates than the two
   // ends' k largest values: a bound b on the k-th largest |x - mean| leaves the values at or
@@ -770,7 +773,11 @@ struct LaneLists {
   void cover_deviations(const double* sums, int64_t channels, int64_t count) {
     if (!dense || levels <= 1 || levels > kMaxLevels || count <= 0) return;
     deviation_means.assign(static_cast<size_t>(groups), V{});
-    for (int64_t c = 0; c < channels; ++c) deviation_means[c / W][c % W] = static_cast<A>(sums[c] / static_cast<double>(count));
+    exact_means.assign(static_cast<size_t>(groups * W), 0.0);
+    for (int64_t c = 0; c < channels; ++c) {
+      exact_means[c] = sums[c] / static_cast<double>(count);  // core::channel_mean
+      deviation_means[c / W][c % W] = static_cast<A>(exact_means[c]);
+    }
   }
 
   // One-level lists (linf, range) keep their rows as cheaply as a copy: the walk holds a
@@ -1083,17 +1090,89 @@ struct LaneLists {
     }
   }
 
+  // Where the lists cover the k largest |x - mean| of whole channels (cover_deviations), the
+  // channels' picks, for all lanes at once, in core's order (|x - mean| in double descending,
+  // ties to the lower index): an entry's place is its place in its own list plus the entries
+  // of the other list before it (core's merge, which took 1/4 of the (256, 1024) topk forward
+  // one channel at a time). A lane whose lists core would not merge (an entry on the wrong side
+  // of the mean, NaN, equal |x - mean| out of index order) is left to core's pick. Returns the
+  // lanes picked.
+  template <typename Ext>
+  uint32_t pick_deviations(const Ext& ext, int64_t group, int64_t c0, int n) {
+    if (ext.picked == nullptr || exact_means.empty()) return 0;
+    constexpr int D = Simd<double>::W;
+    const int64_t P = per_end;
+    uint32_t picked = 0;
+    for (int h = 0; h * D < n; ++h) {  // D lanes at a time, in double
+      const int lanes = std::min(D, n - h * D);
+      VD mean;
+      std::memcpy(&mean, exact_means.data() + group * W + h * D, sizeof mean);
+      VD key[2][kMaxLevels], value[2][kMaxLevels];
+      VI64 index[2][kMaxLevels], place[2][kMaxLevels];
+      VI64 bad{};
+      for (int end = 0; end < 2; ++end) {
+        const size_t at = static_cast<size_t>((group * 2 + end) * per_end);
+        for (int64_t j = 0; j < P; ++j) {
+          // D lanes of the found values and rows (float and int32 where A is float), widened.
+          typedef A Lanes __attribute__((vector_size(D * sizeof(A))));
+          typedef R LaneRows __attribute__((vector_size(D * sizeof(R))));
+          Lanes narrow;
+          LaneRows narrow_row;
+          std::memcpy(&narrow, found.data() + (at + j) * W + h * D, sizeof narrow);
+          std::memcpy(&narrow_row, rows.data() + (at + j) * W + h * D, sizeof narrow_row);
+          const VD v = __builtin_convertvector(narrow, VD);
+          const VI64 row = __builtin_convertvector(narrow_row, VI64);
+          const VI64 valid = row != static_cast<int64_t>(kFree);  // the lists fill from the front
+          value[end][j] = end == 0 ? v : -v;
+          const VD d = value[end][j] - mean;
+          bad |= valid & ~(end == 0 ? d >= 0 : d < 0);  // NaN too
+          key[end][j] = valid ? vabs(d) : splat<VD>(-1.0);
+          index[end][j] = valid ? row + base : splat<VI64>(core::kNoIndex);
+          if (j > 0) bad |= valid & (key[end][j] == key[end][j - 1]) & (index[end][j] < index[end][j - 1]);
+          place[end][j] = splat<VI64>(j);
+        }
+      }
+      for (int64_t j = 0; j < P; ++j) {
+        for (int64_t i = 0; i < P; ++i) {
+          const VI64 up_first = (key[0][j] > key[1][i]) | ((key[0][j] == key[1][i]) & (index[0][j] < index[1][i]));
+          place[0][j] -= ~up_first;  // +1 where the other list's entry comes first
+          place[1][i] -= up_first;
+        }
+      }
+      // Places past the valid entries hold empty ones (index kNoIndex, core's end of the picks);
+      // places from P on go to one spare slot per lane (no branch on the place).
+      core::Deviation staged[D][kMaxLevels + 1];
+      for (int end = 0; end < 2; ++end) {
+        for (int64_t j = 0; j < P; ++j) {
+          for (int l = 0; l < D; ++l) {
+            staged[l][std::min<int64_t>(place[end][j][l], P)] = {value[end][j][l], index[end][j][l], key[end][j][l]};
+          }
+        }
+      }
+      const uint32_t ok = ~bitmask(bad) & ((1u << lanes) - 1);
+      for (uint32_t bits = ok; bits != 0; bits &= bits - 1) {
+        const int l = __builtin_ctz(bits);
+        std::copy(staged[l], staged[l] + P, ext.picked + (c0 + h * D + l) * P);
+      }
+      picked |= ok << (h * D);
+    }
+    return picked;
+  }
+
   // Hands lanes [0, n) of `group` (channels c0 ...) to the tile's Candidate lists. All of a
   // lane's entries go to one chunk's list, already in core's order (largest first, equal
   // values by row). A list still empty (the usual case: one flush per chunk and tile) takes
   // them as they are; one filled by an earlier flush of the chunk is merged with them in
   // O(k) (offering them one by one cost O(k^2), seconds for k ~ m ~ 10^4).
+  // Lanes whose largest |x - mean| pick_deviations picked are not handed over.
   template <typename Ext>
   void flush(const Ext& ext, int64_t group, int64_t c0, int n) {
+    const uint32_t picked = pick_deviations(ext, group, c0, n);
     merged.resize(static_cast<size_t>(per_end));
     for (int end = 0; end < 2; ++end) {
       const size_t at = static_cast<size_t>((group * 2 + end) * per_end);
       for (int i = 0; i < n; ++i) {
+        if ((picked >> i & 1) != 0) continue;
         auto entry = [&](int64_t j) {
           return Candidate{static_cast<double>(found[(at + j) * W + i]), base + rows[(at + j) * W + i]};
         };
@@ -1423,6 +1502,7 @@ void collect_stats(const StatsArgs& a, const Tile& t) {
       core::reset_extremes(a.largest + c * lists, lists);
       core::reset_extremes(a.smallest + c * lists, lists);
     }
+    if (a.picked != nullptr) a.picked[c * a.per_end].index = -1;  // not picked (yet)
   }
   if (t.row_end <= t.row_begin) return;
   with_element_type(a.dtype, [&](auto tag) {
@@ -1447,7 +1527,7 @@ void collect_stats(const StatsArgs& a, const Tile& t) {
       reduce<T>(a.layout, t, a.x, nullptr, a.pivot, ShiftedSumsOp{}, NoExtremes{}, a.sum, a.sum_sq);
     } else if (a.per_end > 0) {
       const Extremes<AccOf<T>> ext{a.largest, a.smallest, a.chunks, a.per_end, a.layout.count() / a.chunks,
-                                   a.deviation_lists && a.chunks == 1};
+                                   a.deviation_lists && a.chunks == 1, a.chunks == 1 ? a.picked : nullptr};
       reduce<T>(a.layout, t, a.x, nullptr, nullptr, SumOp{}, ext, a.sum, nullptr);
     } else {
       reduce<T>(a.layout, t, a.x, nullptr, nullptr, SumOp{}, NoExtremes{}, a.sum, nullptr);

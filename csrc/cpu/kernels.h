@@ -51,6 +51,9 @@ struct StatsArgs {
   // the mean being sum / count (the fused forward's pick): a list may stop early, always at
   // a prefix of the full list. Used where a tile holds whole channels and chunks is 1.
   bool deviation_lists = false;
+  // With deviation_lists, [C][per_end]: the pass may pick a channel's per_end largest
+  // |x - mean| itself (core::ChannelSums::picked); entry 0's index stays -1 where it does not.
+  core::Deviation* picked = nullptr;
 };
 
 struct DeviationArgs {

@@ -284,6 +284,9 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
     const bool shifted = spec.kind == core::NormKind::L2 && !in_half;
     const Values<double> pivot = scratch.take<double>(shifted ? buffers * channels : 0);
     const Values<double> sum_sq = scratch.take<double>(pivot.count);
+    // The fused topk forward: the stats pass may pick channels' largest |x - mean| itself.
+    const bool pick_in_pass = plan.fused && spec.kind == core::NormKind::TopK && spec.chunks == 1;
+    const Values<core::Deviation> picked = scratch.take<core::Deviation>(pick_in_pass ? channels * per_end : 0);
 
     auto stats_args = [&](int64_t part) -> cpu::StatsArgs {
       return {layout,
@@ -296,7 +299,8 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
               smallest.data() + part * channels * lists,
               shifted ? pivot.data() + part * channels : nullptr,
               shifted ? sum_sq.data() + part * channels : nullptr,
-              plan.fused && spec.kind == core::NormKind::TopK};  // finish picks the largest |d| only
+              pick_in_pass,  // finish picks the largest |d| only
+              pick_in_pass ? picked.data() : nullptr};
     };
     auto channel_mean = [&](int64_t c) {
       if (m == 0) return 0.0;
@@ -328,6 +332,7 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       sums.phi_sum = phi[c];
       sums.largest = largest.data() + c * lists;
       sums.smallest = smallest.data() + c * lists;
+      if (pick_in_pass && picked[c * per_end].index != -1) sums.picked = picked.data() + c * per_end;
       const core::ChannelStatistics stats =
           core::channel_statistics_with(spec, sums, eps, constants, index + c * cols, sparse.data() + c * cols, pool);
       invstd[c] = stats.invstd;
