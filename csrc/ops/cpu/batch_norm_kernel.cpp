@@ -278,15 +278,16 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
     const int64_t buffers = plan.fused ? 1 : plan.parts;
     const Values<double> sum = scratch.take<double>(buffers * channels);
     const Values<double> deviation = scratch.take<double>(buffers * channels), phi = scratch.take<double>(buffers * channels);
-    const Values<core::Candidate> largest = scratch.take<core::Candidate>(buffers * channels * lists);
-    const Values<core::Candidate> smallest = scratch.take<core::Candidate>(buffers * channels * lists);
+    // Set by collect_stats (every tile resets its channels' lists and picks).
+    const Values<core::Candidate> largest = scratch.take_unset<core::Candidate>(buffers * channels * lists);
+    const Values<core::Candidate> smallest = scratch.take_unset<core::Candidate>(buffers * channels * lists);
     // l2 in one pass: sums of x - p and (x - p)^2 around a pivot p near the mean.
     const bool shifted = spec.kind == core::NormKind::L2 && !in_half;
     const Values<double> pivot = scratch.take<double>(shifted ? buffers * channels : 0);
     const Values<double> sum_sq = scratch.take<double>(pivot.count);
     // The fused topk forward: the stats pass may pick channels' largest |x - mean| itself.
     const bool pick_in_pass = plan.fused && spec.kind == core::NormKind::TopK && spec.chunks == 1;
-    const Values<core::Deviation> picked = scratch.take<core::Deviation>(pick_in_pass ? channels * per_end : 0);
+    const Values<core::Deviation> picked = scratch.take_unset<core::Deviation>(pick_in_pass ? channels * per_end : 0);
 
     auto stats_args = [&](int64_t part) -> cpu::StatsArgs {
       return {layout,
