@@ -9,8 +9,8 @@ absolute times do not. Training mode (batch statistics, running statistics updat
     python benchmarks/bench_cpu.py --quick               # fewer rounds, float32 only
     LPNORM_CPU_ISA=avx2 python benchmarks/bench_cpu.py   # another kernel build
     LPNORM_CPU_SCHEDULE=split python benchmarks/bench_cpu.py --shapes nchw-56   # schedule choice
-    MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=268435456 \
-        python benchmarks/bench_cpu.py --shapes 1d       # glibc keeps its pages: no page faults
+    # glibc's malloc keeps its pages (no page faults: steadier (256, 1024) rows):
+    MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=268435456 python benchmarks/bench_cpu.py --shapes 1d
 """
 import argparse
 import math
