@@ -725,9 +725,8 @@ struct LaneLists {
   std::vector<A> slot_values;  // [kSlots + 1][W]: one end's candidates by lane, then the spill
   std::vector<R> slot_rows;
   // Set before the last flush where the lists need only cover the k largest |x - mean|
-  // (StatsArgs::deviation_lists): each group's means, in the accumulation type.
-  std::vector<V> deviation_means;
-  std::vector<double> exact_means;  // [group][W]: the same, as core has them
+  // (StatsArgs::deviation_lists): the channels' means as core has them, [group][W].
+  std::vector<double> exact_means;
 
   static int64_t levels_for(int64_t k) { return k == 1 ? 1 : k <= kMaxLevels ? (k + 1) / 2 * 2 : k; }
   // For a walk of `rows` rows, `group_count` vectors of channels wide.
@@ -762,7 +761,6 @@ struct LaneLists {
     }
     copied.assign(static_cast<size_t>(groups), 0);
     inserted.assign(static_cast<size_t>(groups), 0);
-    deviation_means.clear();
     exact_means.clear();
   }
   // The k largest |x - mean| need one network, not two, and fewer candidates than the two
@@ -772,12 +770,15 @@ struct LaneLists {
   // and the network keeps a bound (select_rows).
   void cover_deviations(const double* sums, int64_t channels, int64_t count) {
     if (!dense || levels <= 1 || levels > kMaxLevels || count <= 0) return;
-    deviation_means.assign(static_cast<size_t>(groups), V{});
     exact_means.assign(static_cast<size_t>(groups * W), 0.0);
-    for (int64_t c = 0; c < channels; ++c) {
-      exact_means[c] = sums[c] / static_cast<double>(count);  // core::channel_mean
-      deviation_means[c / W][c % W] = static_cast<A>(exact_means[c]);
-    }
+    for (int64_t c = 0; c < channels; ++c) exact_means[c] = sums[c] / static_cast<double>(count);  // core::channel_mean
+  }
+  bool by_deviation() const { return !exact_means.empty(); }
+  // The means of `group` in the accumulation type.
+  V lane_means(int64_t group) const {
+    V mean;
+    for (int i = 0; i < W; ++i) mean[i] = static_cast<A>(exact_means[group * W + i]);
+    return mean;
   }
 
   // One-level lists (linf, range) keep their rows as cheaply as a copy: the walk holds a
@@ -836,12 +837,12 @@ struct LaneLists {
   void insert_copies(int64_t group) {
     const V* x = copies.get() + group * stride;
     const int64_t block = K > 0 ? copy_block : 1;  // see the comment above LaneLists
-    const bool by_deviation = !deviation_means.empty();  // one network, of |x - mean|
-    for (int end = 0; end < (by_deviation ? 1 : 2); ++end) {
+    const bool deviations = by_deviation();  // one network, of |x - mean|
+    const V mean = deviations ? lane_means(group) : V{};
+    for (int end = 0; end < (deviations ? 1 : 2); ++end) {
       V* value = values.data() + (group * 2 + end) * levels;
       const A sign = end == 0 ? A(1) : A(-1);
-      const V mean = by_deviation ? deviation_means[group] : V{};
-      auto entry = [&](int64_t e) { return by_deviation ? vabs(x[e] - mean) : x[e] * sign; };
+      auto entry = [&](int64_t e) { return deviations ? vabs(x[e] - mean) : x[e] * sign; };
       // The block's maximum, NaN skipped (it never enters the lists).
       auto block_max = [&](int64_t e) {
         V m = entry(e);
@@ -939,10 +940,10 @@ struct LaneLists {
         const V last = values[(gi * 2 + end) * levels + levels - 1];
         bound[end] = last > lowest ? last : splat<V>(lowest);
       }
-      if (!deviation_means.empty()) {
+      if (by_deviation()) {
         // b from the |x - mean| network, less a margin far above the rounding of |x - mean|
         // and mean +- b in A (a few ulps of |b| + |mean|); the full lists where it is not finite.
-        const V mean = deviation_means[gi], b = values[gi * 2 * levels + levels - 1];
+        const V mean = lane_means(gi), b = values[gi * 2 * levels + levels - 1];
         const V margin = (vabs(b) + vabs(mean)) * A(1.0 / (1 << 19));
         const auto finite = margin < std::numeric_limits<A>::infinity();  // NaN and -inf too
         const V near = b - margin;
@@ -1099,7 +1100,7 @@ struct LaneLists {
   // lanes picked.
   template <typename Ext>
   uint32_t pick_deviations(const Ext& ext, int64_t group, int64_t c0, int n) {
-    if (ext.picked == nullptr || exact_means.empty()) return 0;
+    if (ext.picked == nullptr || !by_deviation()) return 0;
     constexpr int D = Simd<double>::W;
     const int64_t P = per_end;
     uint32_t picked = 0;
@@ -1264,24 +1265,30 @@ void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const
       offer(xv);
     };
     with_step_rows(rows, [&](auto count) {
-      if (Ext::kActive && lists.levels == 1) {
-        for (int64_t gi = 0; gi < groups; ++gi) {  // as below, with the lists' two ends
+      // The step's rows one group at a time, its accumulators in registers: group(gi, step)
+      // calls step(offer), which visits the rows and hands each vector to offer(q, vector).
+      auto by_group = [&](auto&& group) {
+        for (int64_t gi = 0; gi < groups; ++gi) {
           V a0 = s0[gi], a1 = s1[gi];
+          group(gi, [&](auto&& offer) {
+            for (int q = 0; q < count; ++q) visit(q, gi, a0, a1, [&](V xv) { offer(q, xv); });
+          });
+          s0[gi] = a0;
+          s1[gi] = a1;
+        }
+      };
+      if (Ext::kActive && lists.levels == 1) {  // the lists' two ends in registers too
+        by_group([&](int64_t gi, auto&& step) {
           auto top = lists.top(gi);
-          for (int q = 0; q < count; ++q) visit(q, gi, a0, a1, [&](V xv) { lists.offer_top(top, xv, r0 + q); });
-          s0[gi] = a0;
-          s1[gi] = a1;
+          step([&](int q, V xv) { lists.offer_top(top, xv, r0 + q); });
           lists.keep(gi, top);
-        }
-      } else if (Ext::kActive && lists.dense) {
-        for (int64_t gi = 0; gi < groups; ++gi) {  // as below, every vector copied
-          V a0 = s0[gi], a1 = s1[gi];
+        });
+      } else if (Ext::kActive && lists.dense) {  // every vector copied
+        by_group([&](int64_t gi, auto&& step) {
           V* copy = lists.every_copy(gi, r0);
-          for (int q = 0; q < count; ++q) visit(q, gi, a0, a1, [&](V xv) { copy[q] = xv; });
-          s0[gi] = a0;
-          s1[gi] = a1;
+          step([&](int q, V xv) { copy[q] = xv; });
           lists.copied_every(gi, r0 + count);
-        }
+        });
       } else if constexpr (Ext::kActive) {
         // Row by row: consecutive offers to one group's lists would wait for each other.
         for (int q = 0; q < count; ++q) {
@@ -1290,12 +1297,7 @@ void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const
           }
         }
       } else {
-        for (int64_t gi = 0; gi < groups; ++gi) {  // the step's rows into accumulators in registers
-          V a0 = s0[gi], a1 = s1[gi];
-          for (int q = 0; q < count; ++q) visit(q, gi, a0, a1, [](V) {});
-          s0[gi] = a0;
-          s1[gi] = a1;
-        }
+        by_group([](int64_t, auto&& step) { step([](int, V) {}); });
       }
     });
     steps += rows;
