@@ -955,11 +955,15 @@ struct LaneLists {
       const A* copy_value = reinterpret_cast<const A*>(x);  // lane `lane` of copy e at e * W + lane
       R* kept[2] = {kept_ids.data(), kept_ids.data() + ids_capacity};
       int64_t kept_count[2] = {0, 0};
-      for (int64_t e = 0; e < copied[gi]; ++e) {
-        const M id = splat<M>(static_cast<R>(e * W)) + lane_index;
+      // -x >= bound as x <= -bound; the lanes' mask as bits (one instruction per compare).
+      const V upper = bound[0], lower = -bound[1];
+      const uint32_t lanes = bitmask(valid);
+      M id = lane_index;
+      const M step = splat<M>(static_cast<R>(W));
+      for (int64_t e = 0, count = copied[gi]; e < count; ++e, id += step) {
         const V v = x[e];
-        kept_count[0] += compress(id, bitmask(v >= bound[0] & valid), kept[0] + kept_count[0]);
-        kept_count[1] += compress(id, bitmask(-v >= bound[1] & valid), kept[1] + kept_count[1]);
+        kept_count[0] += compress(id, bitmask(v >= upper) & lanes, kept[0] + kept_count[0]);
+        kept_count[1] += compress(id, bitmask(v <= lower) & lanes, kept[1] + kept_count[1]);
       }
       for (int end = 0; end < 2; ++end) {
         const A sign = end == 0 ? A(1) : A(-1);
