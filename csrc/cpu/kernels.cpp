@@ -1587,54 +1587,55 @@ void apply_grad(const GradApplyArgs& a, const Tile& t) {
     with_phi(a.phi, [&](auto phi) {
       map<T>(a.layout, t, a.x, a.grad, a.grad_x, params, GradApplyOp<phi.value, A>{static_cast<A>(a.power)},
              a.stream);
-    });
-    const int64_t per_channel = a.sparse_per_channel;
-    if (per_channel == 0) return;
-    // The sparse terms: those few elements are recomputed whole (in double), so they are
-    // rounded once.
-    const Layout& l = a.layout;
-    const T* x = static_cast<const T*>(a.x);
-    const T* g = static_cast<const T*>(a.grad);
-    T* out = static_cast<T*>(a.grad_x);
-    auto fix_up = [&](int64_t c, int64_t flat, double sparse) {
-      const core::GradCoefficients& k = a.coef[c];
-      // (N, C): one element per row and channel, no division.
-      const int64_t offset = l.S == 1 ? l.offset(flat, c, 0) : l.offset(flat / l.S, c, flat % l.S);
-      const double d = static_cast<double>(core::Element<T>::load(x[offset])) - a.mean[c];
-      const double gv = static_cast<double>(core::Element<T>::load(g[offset]));
-      const double dense = k.scale_g * gv + k.scale_phi * core::phi(a.phi, d, a.power) + k.offset;
-      using acc = typename core::Element<T>::acc;
-      out[offset] = core::Element<T>::store(static_cast<acc>(dense + k.sparse_scale * sparse));
-    };
-    for (int64_t c = t.c_begin; c < t.c_end; ++c) {
-      const int64_t* index = a.sparse_index + c * per_channel;
-      const double* coef = a.sparse_coef + c * per_channel;
-      // An index can repeat (range of a constant chunk): its terms are summed at its first
-      // entry. Only a channel that may have repeats searches for them per entry ((256, 1024)
-      // topk backward: the search was 20% of its time): the indices are filed by their low
-      // bits, and a filled slot (a repeat, or two indices that share the bits) sends the
-      // channel to the search.
-      bool repeats = false;
-      {
-        uint64_t filled[kRepeatSlots / 64] = {};
+      const int64_t per_channel = a.sparse_per_channel;
+      if (per_channel == 0) return;
+      // The sparse terms: those few elements are recomputed whole (in double), so they are
+      // rounded once; phi known at compile time here too ((256, 1024) topk backward: a switch
+      // on it per element cost 10%).
+      const Layout& l = a.layout;
+      const T* x = static_cast<const T*>(a.x);
+      const T* g = static_cast<const T*>(a.grad);
+      T* out = static_cast<T*>(a.grad_x);
+      auto fix_up = [&](int64_t c, int64_t flat, double sparse) {
+        const core::GradCoefficients& k = a.coef[c];
+        // (N, C): one element per row and channel, no division.
+        const int64_t offset = l.S == 1 ? l.offset(flat, c, 0) : l.offset(flat / l.S, c, flat % l.S);
+        const double d = static_cast<double>(core::Element<T>::load(x[offset])) - a.mean[c];
+        const double gv = static_cast<double>(core::Element<T>::load(g[offset]));
+        const double dense = k.scale_g * gv + k.scale_phi * core::phi(phi.value, d, a.power) + k.offset;
+        using acc = typename core::Element<T>::acc;
+        out[offset] = core::Element<T>::store(static_cast<acc>(dense + k.sparse_scale * sparse));
+      };
+      for (int64_t c = t.c_begin; c < t.c_end; ++c) {
+        const int64_t* index = a.sparse_index + c * per_channel;
+        const double* coef = a.sparse_coef + c * per_channel;
+        // An index can repeat (range of a constant chunk): its terms are summed at its first
+        // entry. Only a channel that may have repeats searches for them per entry ((256, 1024)
+        // topk backward: the search was 20% of its time): the indices are filed by their low
+        // bits, and a filled slot (a repeat, or two indices that share the bits) sends the
+        // channel to the search.
+        bool repeats = false;
+        {
+          uint64_t filled[kRepeatSlots / 64] = {};
+          for (int64_t i = 0; i < per_channel; ++i) {
+            const auto slot = static_cast<uint64_t>(index[i]) % kRepeatSlots;
+            repeats |= (filled[slot / 64] >> (slot % 64) & 1) != 0;
+            filled[slot / 64] |= uint64_t{1} << (slot % 64);
+          }
+        }
         for (int64_t i = 0; i < per_channel; ++i) {
-          const auto slot = static_cast<uint64_t>(index[i]) % kRepeatSlots;
-          repeats |= (filled[slot / 64] >> (slot % 64) & 1) != 0;
-          filled[slot / 64] |= uint64_t{1} << (slot % 64);
+          if (index[i] < t.row_begin || index[i] >= t.row_end) continue;
+          double sparse = coef[i];
+          if (repeats) {
+            bool first = true;
+            for (int64_t j = 0; j < i; ++j) first = first && index[j] != index[i];
+            if (!first) continue;
+            for (int64_t j = i + 1; j < per_channel; ++j) sparse += index[j] == index[i] ? coef[j] : 0.0;
+          }
+          fix_up(c, index[i], sparse);
         }
       }
-      for (int64_t i = 0; i < per_channel; ++i) {
-        if (index[i] < t.row_begin || index[i] >= t.row_end) continue;
-        double sparse = coef[i];
-        if (repeats) {
-          bool first = true;
-          for (int64_t j = 0; j < i; ++j) first = first && index[j] != index[i];
-          if (!first) continue;
-          for (int64_t j = i + 1; j < per_channel; ++j) sparse += index[j] == index[i] ? coef[j] : 0.0;
-        }
-        fix_up(c, index[i], sparse);
-      }
-    }
+    });
   });
 }
 
