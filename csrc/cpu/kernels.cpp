@@ -558,8 +558,7 @@ struct Extremes {
   Candidate* largest;   // [C][chunks][per_end]
   Candidate* smallest;
   int64_t chunks, per_end, chunk_count;
-  bool deviation_lists = false;  // StatsArgs::deviation_lists
-  core::Deviation* picked = nullptr;  // StatsArgs::picked
+  core::Deviation* picked = nullptr;  // StatsArgs::picked (null with chunks > 1)
 
   int64_t split() const { return chunks > 1 ? chunk_count : kNoSplit; }
   Candidate* lists(Candidate* base, int64_t c, int64_t flat) const {
@@ -725,7 +724,7 @@ struct LaneLists {
   std::vector<A> slot_values;  // [kSlots + 1][W]: one end's candidates by lane, then the spill
   std::vector<R> slot_rows;
   // Set before the last flush where the lists need only cover the k largest |x - mean|
-  // (StatsArgs::deviation_lists): the channels' means as core has them, [group][W].
+  // (StatsArgs::picked): the channels' means as core has them, [group][W].
   std::vector<double> exact_means;
 
   static int64_t levels_for(int64_t k) { return k == 1 ? 1 : k <= kMaxLevels ? (k + 1) / 2 * 2 : k; }
@@ -811,8 +810,7 @@ struct LaneLists {
   LPNORM_INLINE void offer(int64_t group, V x, int64_t r) {
     const V* up = values.data() + group * 2 * levels;
     // One test for both ends: after the first rows most vectors beat neither k-th value.
-    const bool beats = bitmask((x > up[levels - 1]) | (-x > up[2 * levels - 1])) != 0;
-    if (!beats) return;
+    if (bitmask((x > up[levels - 1]) | (-x > up[2 * levels - 1])) == 0) return;
     int64_t& n = copied[group];
     copies[group * stride + n] = x;
     copy_rows[group * stride + n] = static_cast<R>(r - base);
@@ -1228,7 +1226,7 @@ void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const
   auto flush = [&](int64_t next_row) {  // lists to the Candidates, restart at next_row
     if constexpr (Ext::kActive) {
       // The last flush of a whole channel, where the caller needs only the largest |x - mean|.
-      if (ext.deviation_lists && next_row == t.row_end && lists.base == 0 && t.row_end == l.count()) {
+      if (ext.picked != nullptr && next_row == t.row_end && lists.base == 0 && t.row_end == l.count()) {
         lists.cover_deviations(t0.data(), channels, l.count());
       }
       lists.find_rows(tail);
@@ -1533,7 +1531,7 @@ void collect_stats(const StatsArgs& a, const Tile& t) {
       reduce<T>(a.layout, t, a.x, nullptr, a.pivot, ShiftedSumsOp{}, NoExtremes{}, a.sum, a.sum_sq);
     } else if (a.per_end > 0) {
       const Extremes<AccOf<T>> ext{a.largest, a.smallest, a.chunks, a.per_end, a.layout.count() / a.chunks,
-                                   a.deviation_lists && a.chunks == 1, a.chunks == 1 ? a.picked : nullptr};
+                                   a.chunks == 1 ? a.picked : nullptr};
       reduce<T>(a.layout, t, a.x, nullptr, nullptr, SumOp{}, ext, a.sum, nullptr);
     } else {
       reduce<T>(a.layout, t, a.x, nullptr, nullptr, SumOp{}, NoExtremes{}, a.sum, nullptr);

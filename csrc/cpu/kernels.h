@@ -47,12 +47,11 @@ struct StatsArgs {
   // elements, written here), and `sum` gets sum (x - p), sum_sq sum (x - p)^2.
   double* pivot = nullptr;        // [C]
   double* sum_sq = nullptr;       // [C]
-  // The lists need only hold what can be among each channel's per_end largest |x - mean|,
-  // the mean being sum / count (the fused forward's pick): a list may stop early, always at
-  // a prefix of the full list. Used where a tile holds whole channels and chunks is 1.
-  bool deviation_lists = false;
-  // With deviation_lists, [C][per_end]: the pass may pick a channel's per_end largest
-  // |x - mean| itself (core::ChannelSums::picked); entry 0's index stays -1 where it does not.
+  // The fused forward's pick (chunks 1, tiles that hold whole channels), [C][per_end]: the
+  // pass may pick a channel's per_end largest |x - mean| itself (core::ChannelSums::picked;
+  // entry 0's index stays -1 where it does not), and the lists need only hold what can be
+  // among them, the mean being sum / count: a list may stop early, always at a prefix of the
+  // full list.
   core::Deviation* picked = nullptr;
 };
 

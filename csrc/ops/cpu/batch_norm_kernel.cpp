@@ -300,7 +300,6 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
               smallest.data() + part * channels * lists,
               shifted ? pivot.data() + part * channels : nullptr,
               shifted ? sum_sq.data() + part * channels : nullptr,
-              pick_in_pass,  // finish picks the largest |d| only
               pick_in_pass ? picked.data() : nullptr};
     };
     auto channel_mean = [&](int64_t c) {
