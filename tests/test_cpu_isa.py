@@ -69,11 +69,14 @@ def misaligned_channels_last(x):
 
 
 # (shape, layout): odd spatial sizes leave a vector tail in every plane; 37 and 19 channels
-# leave one in every channels-last row; (1030, 3) puts the whole channel in one strided run.
+# leave one in every channels-last row; 83 channels take several vectors of channels at a time
+# plus a short last chunk, over more rows than one fold; (1030, 3) puts the whole channel in one
+# strided run.
 CASES = [
     ((6, 5, 7, 9), contiguous),
     ((6, 5, 7, 9), channels_last),
     ((4, 19, 3, 5), channels_last),
+    ((4, 83, 5, 7), channels_last),
     ((4, 6, 3, 4, 5), channels_last_3d),
     ((34, 37), contiguous),
     ((1030, 3), lambda x: x.t().contiguous().t()),  # (N, C) with the batch dim contiguous
@@ -82,7 +85,7 @@ CASES = [
     ((6, 19, 5, 3), misaligned_channels_last),
     ((6, 4, 21), contiguous),
 ]
-CASE_IDS = ["nchw-tails", "nhwc", "nhwc-19", "ndhwc", "2d-37", "2d-batch-contiguous", "sliced",
+CASE_IDS = ["nchw-tails", "nhwc", "nhwc-19", "nhwc-83", "ndhwc", "2d-37", "2d-batch-contiguous", "sliced",
             "misaligned", "misaligned-nhwc", "3d"]
 
 
@@ -137,7 +140,7 @@ def test_non_temporal_stores(isa, shape, layout, dtype, norm_kwargs, monkeypatch
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("norm_kwargs", NORMS, ids=NORM_IDS)
-@pytest.mark.parametrize("shape,layout", [CASES[0], CASES[2], CASES[4]], ids=["nchw", "nhwc", "2d"])
+@pytest.mark.parametrize("shape,layout", [CASES[0], CASES[2], CASES[5]], ids=["nchw", "nhwc", "2d"])
 def test_dtypes_every_isa(isa, shape, layout, dtype, norm_kwargs):
     check(layout(batch(shape, dtype)), norm_kwargs)
 
