@@ -481,8 +481,8 @@ LPNORM_INLINE void prefetch_next_plane(const Layout& l, const T* run, int64_t st
   }
 }
 
-// A channels-innermost reduction without lists takes kBlockRows rows at a time, kChunkGroups
-// vectors of channels at a time: fn(std::integral_constant<int, vectors in this chunk>,
+// A channels-innermost reduction takes kBlockRows rows at a time, kChunkGroups vectors of
+// channels at a time: fn(std::integral_constant<int, vectors in this chunk>,
 // std::bool_constant<its last vector is the tile's short last one>).
 constexpr int kBlockRows = 16;
 constexpr int64_t kChunkGroups = 4;
@@ -781,9 +781,9 @@ struct LaneLists {
     levels = levels_for(k);
     dense = rows <= kMaxCopies;
     if (levels > 1) {  // one level keeps its rows, no copies
-      // A step of rows may run past the capacity before the walk looks at `full`.
+      // A block of rows may run past the capacity before the walk looks at `full`.
       capacity = std::max<int64_t>(1, std::min(kMaxCopies, rows));
-      stride = capacity + kRowsPerStep - 1;
+      stride = capacity + kBlockRows - 1;
       copies.reset(new V[static_cast<size_t>(groups * stride)]);
       copy_rows.reset(new R[static_cast<size_t>(groups * stride)]);
       for (int64_t g = 0; dense && g < groups; ++g) std::iota(&copy_rows[g * stride], &copy_rows[(g + 1) * stride], R{0});
@@ -1243,10 +1243,8 @@ struct LaneLists {
   }
 };
 
-// Channels-innermost reduction: rows of contiguous channels in memory order, a step of rows
-// one vector of channels at a time, float lanes folded into double every kFoldEvery rows.
-// (Walking a block of rows one channel vector at a time, accumulators in registers, measured
-// 1.8x slower; a step of kRowsPerStep rows keeps the rows' lines in L1.)
+// Channels-innermost reduction: rows of contiguous channels, a block of kBlockRows rows a few
+// vectors of channels at a time, float lanes folded into double every kFoldEvery rows.
 template <typename T, typename Op, typename Ext>
 void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const T* g, const double* mean,
                                const Op& op, const Ext& ext, double* out0, double* out1) {
@@ -1286,9 +1284,8 @@ void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const
     std::memcpy(&m, means.data() + gi * W, sizeof m);
     return m;
   };
-  // The channels of vector gi (lanes past them compute on zeros, never folded).
-  auto lanes_of = [&](int64_t gi) { return gi + 1 < groups ? W : tail; };
-  // The row at `offset`, channel vector gi (n channels of it), into the accumulators a0, a1.
+  // The row at `offset`, channel vector gi (n channels of it; lanes past them compute on
+  // zeros, never folded), into the accumulators a0, a1.
   auto visit = [&](int64_t offset, int64_t gi, int n, V m, V& a0, V& a1, auto&& offer) {
     const T* px = x + offset + t.c_begin + gi * W;
     const V xv = n == W ? Io<T>::load(px) : load_first(px, n);
@@ -1301,94 +1298,79 @@ void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const
     offer(xv);
   };
   int steps = 0;  // rows summed in float since the last fold
-  if constexpr (!Ext::kActive) {
-    // Plain sums: a block of rows is taken a few vectors of channels at a time, over all its
-    // rows, the accumulators and means of those vectors in registers. (One accumulator per
-    // vector carried from step to step through memory, as the lists' walk below does, left
-    // the 25 MB NHWC sum pass at C = 64 1.3-1.4x the time of torch's x.sum() and its l1
-    // deviation pass 1.2-1.4x; now 1.0-1.1x. Wide rows (C = 256) gain less: 2.5 -> 1.7x.)
-    const int64_t row_begin = t.row_begin, row_end = t.row_end;
-    for_each_row_step<kBlockRows>(l, row_begin, row_end, kNoSplit, [&](int64_t, const int64_t* offsets, int rows) {
-      if (steps + rows > kFoldEvery) {
-        fold();
-        steps = 0;
-      }
-      for (int64_t g0 = 0; g0 < groups; g0 += kChunkGroups) {
-        with_chunk(groups - g0, tail != W, [&](auto chunk, auto short_last) {
-          // (GCC keeps an array on the stack where a loop variable indexes it: the loops over
-          // vectors are unrolled in the source.)
-          constexpr int G = decltype(chunk)::value;
-          auto lanes = [&](int gi) { return decltype(short_last)::value && gi == G - 1 ? tail : W; };
-          V a0[G] = {}, a1[G] = {}, m[G];
-          unrolled<G>([&](auto gi) { m[gi] = mean_of(g0 + gi); });
-          for (int q = 0; q < rows; ++q) {
-            unrolled<G>([&](auto gi) { visit(offsets[q], g0 + gi, lanes(gi), m[gi], a0[gi], a1[gi], [](V) {}); });
-          }
-          unrolled<G>([&](auto gi) {
-            s0[g0 + gi] += a0[gi];
-            s1[g0 + gi] += a1[gi];
-          });
-        });
-      }
-      steps += rows;
-    });
-  } else {
-    lists.start(groups, ext.per_end, t.row_end - t.row_begin, t.row_begin);
-    for_each_row_step(l, t.row_begin, t.row_end, ext.split(), [&](int64_t r0, const int64_t* offsets, int rows) {
+  if constexpr (Ext::kActive) lists.start(groups, ext.per_end, t.row_end - t.row_begin, t.row_begin);
+  // A block of rows is taken a few vectors of channels at a time, over all its rows, the
+  // accumulators, means and one-level lists of those vectors in registers. (One accumulator
+  // per vector carried from step to step through memory, every vector of a 4-row step at a
+  // time, left the 25 MB NHWC sum pass at C = 64 1.3-1.4x the time of torch's x.sum() and its
+  // l1 deviation pass 1.2-1.4x; now 1.0-1.1x. Wide rows (C = 256) gain less: 2.5 -> 1.7x.
+  // The topk stats pass of the same tensor: 2.8-3.5 -> 2.4-2.8x.)
+  const int64_t row_begin = t.row_begin, row_end = t.row_end;
+  for_each_row_step<kBlockRows>(l, row_begin, row_end, ext.split(), [&](int64_t r0, const int64_t* offsets, int rows) {
+    if constexpr (Ext::kActive) {
       // The lists restart where a chunk starts and before their relative rows would overflow.
       const int64_t split = ext.split();
       if ((split != kNoSplit && r0 % split == 0 && r0 != lists.base) ||
           r0 + rows - lists.base > LaneLists<A>::kMaxSpan) {
         flush(r0);
       }
-      if (steps + rows > kFoldEvery) {
-        fold();
-        steps = 0;
-      }
-      with_step_rows(rows, [&](auto count) {
-        // The step's rows one group at a time, its accumulators in registers: group(gi, step)
-        // calls step(offer), which visits the rows and hands each vector to offer(q, vector).
-        auto by_group = [&](auto&& group) {
-          for (int64_t gi = 0; gi < groups; ++gi) {
-            V a0 = s0[gi], a1 = s1[gi];
-            const V m = mean_of(gi);
-            group(gi, [&](auto&& offer) {
-#pragma GCC unroll 4  // kRowsPerStep
-              for (int q = 0; q < count; ++q) {
-                visit(offsets[q], gi, lanes_of(gi), m, a0, a1, [&](V xv) { offer(q, xv); });
-              }
+    }
+    if (steps + rows > kFoldEvery) {
+      fold();
+      steps = 0;
+    }
+    for (int64_t g0 = 0; g0 < groups; g0 += kChunkGroups) {
+      with_chunk(groups - g0, tail != W, [&](auto chunk, auto short_last) {
+        // (GCC keeps an array on the stack where a loop variable indexes it: the loops over
+        // vectors are unrolled in the source.)
+        constexpr int G = decltype(chunk)::value;
+        auto lanes = [&](int gi) { return decltype(short_last)::value && gi == G - 1 ? tail : W; };
+        V a0[G] = {}, a1[G] = {}, m[G];
+        unrolled<G>([&](auto gi) { m[gi] = mean_of(g0 + gi); });
+        // The block's rows in order, each vector of the chunk handed to offer(gi, q, vector).
+        auto each_row = [&](auto&& offer) {
+          for (int q = 0; q < rows; ++q) {
+            unrolled<G>([&](auto gi) {
+              visit(offsets[q], g0 + gi, lanes(gi), m[gi], a0[gi], a1[gi], [&](V xv) { offer(gi, q, xv); });
             });
-            s0[gi] = a0;
-            s1[gi] = a1;
           }
         };
-        if (lists.levels == 1) {  // the lists' two ends in registers too
-          by_group([&](int64_t gi, auto&& step) {
-            auto top = lists.top(gi);
-            step([&](int q, V xv) { lists.offer_top(top, xv, r0 + q); });
-            lists.keep(gi, top);
-          });
-        } else if (lists.dense) {  // every vector copied
-          by_group([&](int64_t gi, auto&& step) {
-            V* copy = lists.every_copy(gi, r0);
-            step([&](int q, V xv) { copy[q] = xv; });
-            lists.copied_every(gi, r0 + count);
-          });
-        } else {
-          // Row by row: consecutive offers to one group's lists would wait for each other.
-          for (int q = 0; q < count; ++q) {
-            for (int64_t gi = 0; gi < groups; ++gi) {
-              visit(offsets[q], gi, lanes_of(gi), mean_of(gi), s0[gi], s1[gi], [&](V xv) {
-                lists.offer(gi, xv, r0 + q);
-              });
+        // The same, vector by vector: copies written one group's at a time ((256, 1024) topk
+        // forward 1 thread: 425 us in row order, 344 in this; a linf NHWC forward took 1.6x
+        // as long in this order as in row order).
+        auto each_vector = [&](auto&& offer) {
+          unrolled<G>([&](auto gi) {
+            for (int q = 0; q < rows; ++q) {
+              visit(offsets[q], g0 + gi, lanes(gi), m[gi], a0[gi], a1[gi], [&](V xv) { offer(gi, q, xv); });
             }
-          }
+          });
+        };
+        if constexpr (!Ext::kActive) {
+          each_row([](int, int, V) {});
+        } else if (lists.levels == 1) {  // the lists' two ends in registers too
+          typename LaneLists<A>::Top top[G];
+          unrolled<G>([&](auto gi) { top[gi] = lists.top(g0 + gi); });
+          each_row([&](int gi, int q, V xv) { lists.offer_top(top[gi], xv, r0 + q); });
+          unrolled<G>([&](auto gi) { lists.keep(g0 + gi, top[gi]); });
+        } else if (lists.dense) {  // every vector copied
+          V* copy[G];
+          unrolled<G>([&](auto gi) { copy[gi] = lists.every_copy(g0 + gi, r0); });
+          each_vector([&](int gi, int q, V xv) { copy[gi][q] = xv; });
+          unrolled<G>([&](auto gi) { lists.copied_every(g0 + gi, r0 + rows); });
+        } else {
+          each_row([&](int gi, int q, V xv) { lists.offer(g0 + gi, xv, r0 + q); });
         }
+        unrolled<G>([&](auto gi) {
+          s0[g0 + gi] += a0[gi];
+          s1[g0 + gi] += a1[gi];
+        });
       });
-      steps += rows;
+    }
+    steps += rows;
+    if constexpr (Ext::kActive) {
       if (lists.full) flush(r0 + rows);
-    });
-  }
+    }
+  });
   fold();
   flush(t.row_end);
   for (int64_t c = 0; c < channels; ++c) {
