@@ -128,8 +128,8 @@ def test_layouts_every_isa_and_schedule(isa, schedule, shape, layout, norm_kwarg
 @pytest.mark.parametrize("norm_kwargs", [dict(norm="l1"), dict(norm="linf")], ids=["l1", "linf"])
 def test_channels_last_beyond_caches(isa, norm_kwargs):
     """Channels-last tensors of 4 MiB or more with rows of several vectors take their element
-    passes row by row (the parameters loaded for every vector); 83 channels leave a short last
-    vector in every row."""
+    passes and sums row by row (parameters, accumulators and means loaded for every vector);
+    83 channels leave a short last vector in every row."""
     x = channels_last(batch((17, 83, 28, 28), torch.float32))
     assert x.numel() * x.element_size() >= 4 << 20
     check(x, norm_kwargs, steps=1)

@@ -465,8 +465,10 @@ LPNORM_INLINE void with_step_rows(int rows, Fn&& fn) {
 
 // Tensors at least this big are read from memory, not from the caches (2 MiB L2 per core).
 constexpr int64_t kBeyondCachesBytes = int64_t{4} << 20;
-// A row walk that loads every vector's parameters keeps at most this many bytes of them.
+// Row walks that load every vector's per-channel state from L1 keep at most this many bytes
+// of it: parameters of an element pass, accumulators and means of a reduction (measured).
 constexpr int64_t kRowWalkParamBytes = 8 << 10;
+constexpr int64_t kRowWalkStateBytes = 4 << 10;
 
 // Channel-major runs of one short plane each ((128,256,14,14): 392 bytes, the next plane of
 // the channel 100 KB further) start a new stream every few vectors, too short for the
@@ -1304,78 +1306,94 @@ void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const
   };
   int steps = 0;  // rows summed in float since the last fold
   if constexpr (Ext::kActive) lists.start(groups, ext.per_end, t.row_end - t.row_begin, t.row_begin);
-  // A block of rows is taken a few vectors of channels at a time, over all its rows, the
-  // accumulators, means and one-level lists of those vectors in registers. (One accumulator
-  // per vector carried from step to step through memory, every vector of a 4-row step at a
-  // time, left the 25 MB NHWC sum pass at C = 64 1.3-1.4x the time of torch's x.sum() and its
-  // l1 deviation pass 1.2-1.4x; now 1.0-1.1x. Wide rows (C = 256) gain less: 2.5 -> 1.7x.
-  // The topk stats pass of the same tensor: 2.8-3.5 -> 2.4-2.8x.)
-  const int64_t row_begin = t.row_begin, row_end = t.row_end;
-  for_each_row_step<kBlockRows>(l, row_begin, row_end, ext.split(), [&](int64_t r0, const int64_t* offsets, int rows) {
-    if constexpr (Ext::kActive) {
-      // The lists restart where a chunk starts and before their relative rows would overflow.
-      const int64_t split = ext.split();
-      if ((split != kNoSplit && r0 % split == 0 && r0 != lists.base) ||
-          r0 + rows - lists.base > LaneLists<A>::kMaxSpan) {
-        flush(r0);
+  const int64_t row_begin = t.row_begin, row_end = t.row_end, split = ext.split();
+  // Wide rows of a tensor far bigger than the caches row by row, in memory order, the
+  // accumulators and means in L1: (32, C, H, W) channels-last float32, ~25 MB, 1 thread, the
+  // sum pass took 1.9-2.5x torch's x.sum() in blocks and chunks, this 1.3-1.5x at C = 128-256
+  // (the l1 deviation pass 3.0-3.6x -> 1.4-2.3x); at C = 512 neither order won.
+  const bool beyond_caches = l.count() * l.C * static_cast<int64_t>(sizeof(T)) >= kBeyondCachesBytes;
+  if (!Ext::kActive && beyond_caches && groups > kChunkGroups && groups * 3 * kBytes <= kRowWalkStateBytes) {
+    for_each_row(l, row_begin, row_end, [&](int64_t, int64_t offset) {
+      if (++steps > kFoldEvery) {
+        fold();
+        steps = 1;
       }
-    }
-    if (steps + rows > kFoldEvery) {
-      fold();
-      steps = 0;
-    }
-    for (int64_t g0 = 0; g0 < groups; g0 += kChunkGroups) {
-      with_chunk(groups - g0, tail != W, [&](auto chunk, auto short_last) {
-        // (GCC keeps an array on the stack where a loop variable indexes it: the loops over
-        // vectors are unrolled in the source.)
-        constexpr int G = decltype(chunk)::value;
-        auto lanes = [&](int gi) { return decltype(short_last)::value && gi == G - 1 ? tail : W; };
-        V a0[G] = {}, a1[G] = {}, m[G];
-        unrolled<G>([&](auto gi) { m[gi] = mean_of(g0 + gi); });
-        // The block's rows in order, each vector of the chunk handed to offer(gi, q, vector).
-        auto each_row = [&](auto&& offer) {
-          for (int q = 0; q < rows; ++q) {
-            unrolled<G>([&](auto gi) {
-              visit(offsets[q], g0 + gi, lanes(gi), m[gi], a0[gi], a1[gi], [&](V xv) { offer(gi, q, xv); });
-            });
-          }
-        };
-        // The same, vector by vector: copies written one group's at a time ((256, 1024) topk
-        // forward 1 thread: 425 us in row order, 344 in this; a linf NHWC forward took 1.6x
-        // as long in this order as in row order).
-        auto each_vector = [&](auto&& offer) {
-          unrolled<G>([&](auto gi) {
-            for (int q = 0; q < rows; ++q) {
-              visit(offsets[q], g0 + gi, lanes(gi), m[gi], a0[gi], a1[gi], [&](V xv) { offer(gi, q, xv); });
-            }
-          });
-        };
-        if constexpr (!Ext::kActive) {
-          each_row([](int, int, V) {});
-        } else if (lists.levels == 1) {  // the lists' two ends in registers too
-          typename LaneLists<A>::Top top[G];
-          unrolled<G>([&](auto gi) { top[gi] = lists.top(g0 + gi); });
-          each_row([&](int gi, int q, V xv) { lists.offer_top(top[gi], xv, r0 + q); });
-          unrolled<G>([&](auto gi) { lists.keep(g0 + gi, top[gi]); });
-        } else if (lists.dense) {  // every vector copied
-          V* copy[G];
-          unrolled<G>([&](auto gi) { copy[gi] = lists.every_copy(g0 + gi, r0); });
-          each_vector([&](int gi, int q, V xv) { copy[gi][q] = xv; });
-          unrolled<G>([&](auto gi) { lists.copied_every(g0 + gi, r0 + rows); });
-        } else {
-          each_row([&](int gi, int q, V xv) { lists.offer(g0 + gi, xv, r0 + q); });
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        visit(offset, gi, gi + 1 < groups ? W : tail, mean_of(gi), s0[gi], s1[gi], [](V) {});
+      }
+    });
+  } else {
+    // A block of rows is taken a few vectors of channels at a time, over all its rows, the
+    // accumulators, means and one-level lists of those vectors in registers. (One accumulator
+    // per vector carried from step to step through memory, every vector of a 4-row step at a
+    // time, left the 25 MB NHWC sum pass at C = 64 1.3-1.4x the time of torch's x.sum() and
+    // its l1 deviation pass 1.2-1.4x; now 1.0-1.1x. The topk stats pass of the same tensor:
+    // 2.8-3.5 -> 2.4-2.8x.)
+    for_each_row_step<kBlockRows>(l, row_begin, row_end, split, [&](int64_t r0, const int64_t* offsets, int rows) {
+      if constexpr (Ext::kActive) {
+        // The lists restart where a chunk starts and before their relative rows would overflow.
+        if ((split != kNoSplit && r0 % split == 0 && r0 != lists.base) ||
+            r0 + rows - lists.base > LaneLists<A>::kMaxSpan) {
+          flush(r0);
         }
-        unrolled<G>([&](auto gi) {
-          s0[g0 + gi] += a0[gi];
-          s1[g0 + gi] += a1[gi];
+      }
+      if (steps + rows > kFoldEvery) {
+        fold();
+        steps = 0;
+      }
+      for (int64_t g0 = 0; g0 < groups; g0 += kChunkGroups) {
+        with_chunk(groups - g0, tail != W, [&](auto chunk, auto short_last) {
+          // (GCC keeps an array on the stack where a loop variable indexes it: the loops over
+          // vectors are unrolled in the source.)
+          constexpr int G = decltype(chunk)::value;
+          auto lanes = [&](int gi) { return decltype(short_last)::value && gi == G - 1 ? tail : W; };
+          V a0[G] = {}, a1[G] = {}, m[G];
+          unrolled<G>([&](auto gi) { m[gi] = mean_of(g0 + gi); });
+          // The block's rows in order, each vector of the chunk handed to offer(gi, q, vector).
+          auto each_row = [&](auto&& offer) {
+            for (int q = 0; q < rows; ++q) {
+              unrolled<G>([&](auto gi) {
+                visit(offsets[q], g0 + gi, lanes(gi), m[gi], a0[gi], a1[gi], [&](V xv) { offer(gi, q, xv); });
+              });
+            }
+          };
+          // The same, vector by vector: copies written one group's at a time ((256, 1024) topk
+          // forward 1 thread: 425 us in row order, 344 in this; a linf NHWC forward took 1.6x
+          // as long in this order as in row order).
+          auto each_vector = [&](auto&& offer) {
+            unrolled<G>([&](auto gi) {
+              for (int q = 0; q < rows; ++q) {
+                visit(offsets[q], g0 + gi, lanes(gi), m[gi], a0[gi], a1[gi], [&](V xv) { offer(gi, q, xv); });
+              }
+            });
+          };
+          if constexpr (!Ext::kActive) {
+            each_row([](int, int, V) {});
+          } else if (lists.levels == 1) {  // the lists' two ends in registers too
+            typename LaneLists<A>::Top top[G];
+            unrolled<G>([&](auto gi) { top[gi] = lists.top(g0 + gi); });
+            each_row([&](int gi, int q, V xv) { lists.offer_top(top[gi], xv, r0 + q); });
+            unrolled<G>([&](auto gi) { lists.keep(g0 + gi, top[gi]); });
+          } else if (lists.dense) {  // every vector copied
+            V* copy[G];
+            unrolled<G>([&](auto gi) { copy[gi] = lists.every_copy(g0 + gi, r0); });
+            each_vector([&](int gi, int q, V xv) { copy[gi][q] = xv; });
+            unrolled<G>([&](auto gi) { lists.copied_every(g0 + gi, r0 + rows); });
+          } else {
+            each_row([&](int gi, int q, V xv) { lists.offer(g0 + gi, xv, r0 + q); });
+          }
+          unrolled<G>([&](auto gi) {
+            s0[g0 + gi] += a0[gi];
+            s1[g0 + gi] += a1[gi];
+          });
         });
-      });
-    }
-    steps += rows;
-    if constexpr (Ext::kActive) {
-      if (lists.full) flush(r0 + rows);
-    }
-  });
+      }
+      steps += rows;
+      if constexpr (Ext::kActive) {
+        if (lists.full) flush(r0 + rows);
+      }
+    });
+  }
   fold();
   flush(t.row_end);
   for (int64_t c = 0; c < channels; ++c) {
