@@ -426,13 +426,13 @@ LPNORM_INLINE void for_each_row(const Layout& l, int64_t row_begin, int64_t row_
   }
 }
 
-// A channels-innermost pass takes this many rows per step, so each vector of per-channel
-// accumulators or parameters is loaded and stored once per step rather than once per row.
+// A channels-innermost element pass takes this many rows per step, so each vector of
+// per-channel parameters is loaded once per step rather than once per row.
 constexpr int kRowsPerStep = 4;
 
-// Rows [row_begin, row_end) of a channels-innermost layout in steps of up to kRows rows
-// rows that never cross a multiple of `split`: calls step(first row, offsets of the rows'
-// channel 0, row count).
+// Rows [row_begin, row_end) of a channels-innermost layout in steps of up to kRows rows that
+// never cross a multiple of `split`: calls step(first row, offsets of the rows' channel 0,
+// row count).
 template <int kRows = kRowsPerStep, typename Step>
 LPNORM_INLINE void for_each_row_step(const Layout& l, int64_t row_begin, int64_t row_end, int64_t split,
                                      Step&& step) {
@@ -462,13 +462,6 @@ LPNORM_INLINE void with_step_rows(int rows, Fn&& fn) {
     fn(rows);
   }
 }
-
-// Tensors at least this big are read from memory, not from the caches (2 MiB L2 per core).
-constexpr int64_t kBeyondCachesBytes = int64_t{4} << 20;
-// Row walks that load every vector's per-channel state from L1 keep at most this many bytes
-// of it: parameters of an element pass, accumulators and means of a reduction (measured).
-constexpr int64_t kRowWalkParamBytes = 8 << 10;
-constexpr int64_t kRowWalkStateBytes = 4 << 10;
 
 // Channel-major runs of one short plane each ((128,256,14,14): 392 bytes, the next plane of
 // the channel 100 KB further) start a new stream every few vectors, too short for the
@@ -515,6 +508,19 @@ LPNORM_INLINE void unrolled(Fn&& fn, std::integer_sequence<int, I...>) {
 template <int N, typename Fn>
 LPNORM_INLINE void unrolled(Fn&& fn) {
   unrolled(fn, std::make_integer_sequence<int, N>{});
+}
+
+// Tensors at least this big are read from memory, not from the caches (2 MiB L2 per core).
+constexpr int64_t kBeyondCachesBytes = int64_t{4} << 20;
+
+// Whether a channels-innermost pass takes its rows one by one, in memory order, loading the
+// per-channel state of every vector (`state_vectors` per vector of channels: parameters,
+// accumulators, means) from L1: for wide rows (more than one chunk of vectors) of a tensor
+// beyond the caches, while that state stays within `max_state_bytes` (measured at the callers).
+template <typename T>
+bool walks_row_by_row(const Layout& l, int64_t groups, int64_t state_vectors, int64_t max_state_bytes) {
+  const bool beyond_caches = l.count() * l.C * static_cast<int64_t>(sizeof(T)) >= kBeyondCachesBytes;
+  return beyond_caches && groups > kChunkGroups && groups * state_vectors * kBytes <= max_state_bytes;
 }
 
 // out[i] += v[i] for every lane, in double, a vector at a time (lane by lane, the fold took a
@@ -1310,9 +1316,9 @@ void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const
   // Wide rows of a tensor far bigger than the caches row by row, in memory order, the
   // accumulators and means in L1: (32, C, H, W) channels-last float32, ~25 MB, 1 thread, the
   // sum pass took 1.9-2.5x torch's x.sum() in blocks and chunks, this 1.3-1.5x at C = 128-256
-  // (the l1 deviation pass 3.0-3.6x -> 1.4-2.3x); at C = 512 neither order won.
-  const bool beyond_caches = l.count() * l.C * static_cast<int64_t>(sizeof(T)) >= kBeyondCachesBytes;
-  if (!Ext::kActive && beyond_caches && groups > kChunkGroups && groups * 3 * kBytes <= kRowWalkStateBytes) {
+  // (the l1 deviation pass 3.0-3.6x -> 1.4-2.3x); at C = 512 neither order won, so at most
+  // 4 KiB of the two accumulators and the mean.
+  if (!Ext::kActive && walks_row_by_row<T>(l, groups, 3, 4 << 10)) {
     for_each_row(l, row_begin, row_end, [&](int64_t, int64_t offset) {
       if (++steps > kFoldEvery) {
         fold();
@@ -1539,8 +1545,7 @@ void map_channels_innermost(const Layout& l, const Tile& t, const T* x, const T*
       store_run(out + at, 1, tail, op(load_run(x + at, 1, tail), gv, kv));
     }
   };
-  const bool beyond_caches = l.count() * l.C * static_cast<int64_t>(sizeof(T)) >= kBeyondCachesBytes;
-  if (beyond_caches && groups > kChunkGroups && groups * 4 * kBytes <= kRowWalkParamBytes) {
+  if (walks_row_by_row<T>(l, groups, 4, 8 << 10)) {  // four parameters per vector, at most 8 KiB
     // Wide rows of a tensor far bigger than the caches in memory order, the parameters loaded
     // from L1 for every vector: the steps below took 2.1-2.4x a copy of (32, C, H, W)
     // channels-last float32 (~25 MB) at C = 128-512, this 1.0-1.7x. (Blocks of rows a few
