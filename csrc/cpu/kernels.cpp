@@ -866,10 +866,19 @@ struct LaneLists {
     }
   }
 
-  LPNORM_INLINE void offer(int64_t group, V x, int64_t r) {
-    const V* up = values.data() + group * 2 * levels;
+  // The k-th values of `group`'s two ends, which a vector must beat to be copied: the walk
+  // keeps them in registers and asks again after each copy (an insert may have raised them).
+  struct Bounds {
+    V up, down;
     // One test for both ends: after the first rows most vectors beat neither k-th value.
-    if (bitmask((x > up[levels - 1]) | (-x > up[2 * levels - 1])) == 0) return;
+    LPNORM_INLINE bool beaten_by(V x) const { return bitmask((x > up) | (-x > down)) != 0; }
+  };
+  LPNORM_INLINE Bounds bounds(int64_t group) const {
+    const V* up = values.data() + group * 2 * levels;
+    return {up[levels - 1], up[2 * levels - 1]};
+  }
+  // x (row r) into `group`'s copies, where it beats bounds(group).
+  LPNORM_INLINE void copy(int64_t group, V x, int64_t r) {
     int64_t& n = copied[group];
     copies[group * stride + n] = x;
     copy_rows[group * stride + n] = static_cast<R>(r - base);
@@ -1386,7 +1395,13 @@ void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const
             each_vector([&](int gi, int q, V xv) { copy[gi][q] = xv; });
             unrolled<G>([&](auto gi) { lists.copied_every(g0 + gi, r0 + rows); });
           } else {
-            each_row([&](int gi, int q, V xv) { lists.offer(g0 + gi, xv, r0 + q); });
+            typename LaneLists<A>::Bounds bounds[G];
+            unrolled<G>([&](auto gi) { bounds[gi] = lists.bounds(g0 + gi); });
+            each_row([&](auto gi, int q, V xv) {
+              if (!bounds[gi].beaten_by(xv)) return;
+              lists.copy(g0 + gi, xv, r0 + q);
+              bounds[gi] = lists.bounds(g0 + gi);
+            });
           }
           unrolled<G>([&](auto gi) {
             s0[g0 + gi] += a0[gi];
