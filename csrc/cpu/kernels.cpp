@@ -840,7 +840,7 @@ struct LaneLists {
   }
 
   // One-level lists (linf, range) keep their rows as cheaply as a copy: the walk holds a
-  // group's two ends in registers for a step of rows (`Top`), and each row takes a compare and
+  // group's two ends in registers for a block of rows (`Top`), and each row takes a compare and
   // two blends per end, no branch ((256, 1024) linf stats pass: a branch per row on whether
   // any lane beats mispredicted on a third of the rows).
   struct Top {
@@ -887,7 +887,7 @@ struct LaneLists {
     full |= n >= capacity;
   }
   // Spans of at most kMaxCopies rows (m = 256, k = 10: 3 in 4 vectors beat the bound) copy
-  // every vector, without a test, and the walk takes them group by group like a plain sum
+  // every vector, without a test, a chunk's vectors one at a time over the block's rows
   // ((256, 1024) topk forward 10% faster: the test and the lists' state in memory, row by row,
   // cost more than the network saved). Long spans keep the test (NHWC (32,64,56,56): their
   // stats pass was 10-20% slower storing every vector). every_copy: where row r of `group`
