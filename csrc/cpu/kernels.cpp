@@ -512,15 +512,15 @@ LPNORM_INLINE void unrolled(Fn&& fn) {
 
 // Tensors at least this big are read from memory, not from the caches (2 MiB L2 per core).
 constexpr int64_t kBeyondCachesBytes = int64_t{4} << 20;
+template <typename T>
+bool beyond_caches(const Layout& l) {
+  return l.count() * l.C * static_cast<int64_t>(sizeof(T)) >= kBeyondCachesBytes;
+}
 
 // Whether a channels-innermost pass takes its rows one by one, in memory order, loading the
 // per-channel state of every vector (`state_vectors` per vector of channels: parameters,
 // accumulators, means) from L1: for wide rows (more than one chunk of vectors) of a tensor
 // beyond the caches, while that state stays within `max_state_bytes` (measured at the callers).
-template <typename T>
-bool beyond_caches(const Layout& l) {
-  return l.count() * l.C * static_cast<int64_t>(sizeof(T)) >= kBeyondCachesBytes;
-}
 template <typename T>
 bool walks_row_by_row(const Layout& l, int64_t groups, int64_t state_vectors, int64_t max_state_bytes) {
   return beyond_caches<T>(l) && groups > kChunkGroups && groups * state_vectors * kBytes <= max_state_bytes;
