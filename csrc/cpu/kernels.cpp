@@ -512,10 +512,6 @@ LPNORM_INLINE void unrolled(Fn&& fn) {
 
 // Tensors at least this big are read from memory, not from the caches (2 MiB L2 per core).
 constexpr int64_t kBeyondCachesBytes = int64_t{4} << 20;
-template <typename T>
-bool beyond_caches(const Layout& l) {
-  return l.count() * l.C * static_cast<int64_t>(sizeof(T)) >= kBeyondCachesBytes;
-}
 
 // Whether a channels-innermost pass takes its rows one by one, in memory order, loading the
 // per-channel state of every vector (`state_vectors` per vector of channels: parameters,
@@ -523,7 +519,8 @@ bool beyond_caches(const Layout& l) {
 // beyond the caches, while that state stays within `max_state_bytes` (measured at the callers).
 template <typename T>
 bool walks_row_by_row(const Layout& l, int64_t groups, int64_t state_vectors, int64_t max_state_bytes) {
-  return beyond_caches<T>(l) && groups > kChunkGroups && groups * state_vectors * kBytes <= max_state_bytes;
+  const bool beyond_caches = l.count() * l.C * static_cast<int64_t>(sizeof(T)) >= kBeyondCachesBytes;
+  return beyond_caches && groups > kChunkGroups && groups * state_vectors * kBytes <= max_state_bytes;
 }
 
 // out[i] += v[i] for every lane, in double, a vector at a time (lane by lane, the fold took a
@@ -1322,7 +1319,6 @@ void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const
     op(xv, gv, m, a0, a1);
     offer(xv);
   };
-  const bool fetch_ahead = groups > kChunkGroups && beyond_caches<T>(l);  // see fetch_next_chunk
   int steps = 0;  // rows summed in float since the last fold
   if constexpr (Ext::kActive) lists.start(groups, ext.per_end, t.row_end - t.row_begin, t.row_begin);
   const int64_t row_begin = t.row_begin, row_end = t.row_end, split = ext.split();
@@ -1368,20 +1364,10 @@ void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const
           auto lanes = [&](int gi) { return decltype(short_last)::value && gi == G - 1 ? tail : W; };
           V a0[G] = {}, a1[G] = {}, m[G];
           unrolled<G>([&](auto gi) { m[gi] = mean_of(g0 + gi); });
-          // Wide rows read from memory a chunk at a time, kBlockRows rows of a few lines each:
-          // a pattern the hardware prefetcher does not follow, so each vector fetches its row's
-          // vector one chunk on (x only: GCC 12 dropped all of the walk's prefetches where one
-          // of g was added). Where the tensor is in the caches the prefetches only cost.
-          auto fetch_next_chunk = [&](int64_t offset, int gi) {
-            const T* here = x + offset + t.c_begin + (g0 + gi) * W;
-            const uintptr_t ahead = G * W * sizeof(T);  // bytes: the address is never formed as a pointer
-            if (fetch_ahead) __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(here) + ahead));
-          };
           // The block's rows in order, each vector of the chunk handed to offer(gi, q, vector).
           auto each_row = [&](auto&& offer) {
             for (int q = 0; q < rows; ++q) {
               unrolled<G>([&](auto gi) {
-                fetch_next_chunk(offsets[q], gi);
                 visit(offsets[q], g0 + gi, lanes(gi), m[gi], a0[gi], a1[gi], [&](V xv) { offer(gi, q, xv); });
               });
             }
@@ -1392,7 +1378,6 @@ void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const
           auto each_vector = [&](auto&& offer) {
             unrolled<G>([&](auto gi) {
               for (int q = 0; q < rows; ++q) {
-                fetch_next_chunk(offsets[q], gi);
                 visit(offsets[q], g0 + gi, lanes(gi), m[gi], a0[gi], a1[gi], [&](V xv) { offer(gi, q, xv); });
               }
             });
