@@ -263,5 +263,61 @@ def test_stage_operators_pass_opcheck_and_equal_the_fused_operator():
         torch.library.opcheck(ops.batch_norm_apply_grad, grad_args)
 
 
+def test_stage_operators_split_channels_last_rows_across_threads():
+    """The stages run over the split schedule's tiles: a channels-last input is cut into row
+    blocks, a count fixed by the shape, whose partial statistics are combined in block order.
+    Every output equals the one-thread output bit for bit, the sparse terms of apply_grad
+    included (topk's indices fall in both halves of the rows); the combined statistics are
+    the float64 sums."""
+    import lpnorm  # noqa: F401  (registers the operators)
+
+    ops = torch.ops.lpnorm
+    x = torch.randn(8, 16, 40, 40).contiguous(memory_format=torch.channels_last)  # 12800 rows: 3 blocks
+    g = torch.randn_like(x)
+    w = torch.rand(16) + 0.5
+    b = torch.randn(16)
+    m = x.numel() // 16
+
+    def stages():
+        total, value, index = ops.batch_norm_collect(x, "topk", 3, 0)
+        deviation, phi = ops.batch_norm_deviations(x, total / m, "topk", 2.0)
+        mean, invstd, coef, sparse_index, sparse_coef, _ = ops.batch_norm_finalize(
+            m, total, deviation, phi, value, index, 1e-5, "topk", 3, 2.0, "exact")
+        l1_deviation, _ = ops.batch_norm_deviations(x, mean, "l1", 2.0)
+        sum_g, sum_gd = ops.batch_norm_reduce_grad(g, x, mean)
+        grad_args = (g, x, w, mean, invstd, coef, sparse_index, sparse_coef, sum_g, sum_gd, m, "topk", 2.0, 0)
+        return dict(total=total, value=value, index=index, l1_deviation=l1_deviation, sum_g=sum_g,
+                    sum_gd=sum_gd, sparse_index=sparse_index, y=ops.batch_norm_apply(x, mean, invstd, w, b),
+                    dx=ops.batch_norm_apply_grad(*grad_args), mean=mean, invstd=invstd)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = stages()
+        torch.set_num_threads(2)
+        two = stages()
+    finally:
+        torch.set_num_threads(threads)
+    for name in one:
+        assert torch.equal(one[name], two[name]), name
+    assert (one["sparse_index"] < m // 2).any() and (one["sparse_index"] >= m // 2).any()
+    # and what they compute (float32 lanes, folded into float64 every few rows)
+    sums = dict(rtol=1e-5, atol=1e-3)
+    xd, gd = x.double(), g.double()
+    mean = xd.mean((0, 2, 3))
+    torch.testing.assert_close(one["total"], xd.sum((0, 2, 3)), **sums)
+    torch.testing.assert_close(one["l1_deviation"], (xd - one["mean"].view(1, -1, 1, 1)).abs().sum((0, 2, 3)),
+                               **sums)
+    torch.testing.assert_close(one["sum_g"], gd.sum((0, 2, 3)), **sums)
+    torch.testing.assert_close(one["sum_gd"], (gd * (xd - one["mean"].view(1, -1, 1, 1))).sum((0, 2, 3)),
+                               **sums)
+    torch.testing.assert_close(one["mean"], mean, rtol=1e-5, atol=1e-7)
+    reference = (xd - one["mean"].view(1, -1, 1, 1)) * (one["invstd"] * w).view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+    torch.testing.assert_close(one["y"].double(), reference, rtol=1e-5, atol=1e-5)
+    # the largest values of channel 0, as collect keeps them
+    top = xd[:, 0].flatten().topk(3).values
+    torch.testing.assert_close(one["value"][0, 0], top)
+
+
 if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--worker":
     _worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])

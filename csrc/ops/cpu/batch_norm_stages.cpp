@@ -13,7 +13,9 @@
 //                           sparse indices are global, only those in this process's slice apply
 //
 // Only chunks == 1 (a ghost batch split across processes has no meaning here). Statistics
-// tensors are float64 throughout, whatever the input dtype.
+// tensors are float64 throughout, whatever the input dtype. Each pass runs over the tiles of
+// the split schedule (ops/cpu/plan.h) on torch's intra-op threads, its partial statistics
+// combined in a fixed order, as the fused operator's split schedule does.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -24,7 +26,7 @@
 #include "core/channel_math.h"
 #include "cpu/kernels.h"
 #include "ops/batch_norm.h"
-#include "ops/cpu/parallel.h"
+#include "ops/cpu/plan.h"
 
 namespace lpnorm::ops {
 namespace {
@@ -67,18 +69,11 @@ std::vector<double> optional_values(const OptionalTensor& t, int64_t count, doub
 
 Tensor doubles(int64_t count, const Tensor& like) { return at::empty({count}, like.options().dtype(at::kDouble)); }
 
-// Runs `fn(tile)` over the whole input: one task per channel where a channel's elements are
-// walked along their own run, one tile of every channel where channels are innermost.
-template <typename Fn>
-void for_each_channel_tile(const core::ChannelLayout& l, const Fn& fn) {
-  const int64_t m = l.count();
-  if (cpu::walk_of(l) == cpu::Walk::ChannelsInnermost) {
-    fn(Tile{0, l.C, 0, m});
-    return;
-  }
-  cpu_parallel_for(0, l.C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) fn(Tile{c, c + 1, 0, m});
-  });
+// A [C] float64 tensor of part 0 of `parts` ([parts][C], combined into part 0).
+Tensor combined(const std::vector<double>& parts, int64_t channels, const Tensor& like) {
+  Tensor out = doubles(channels, like);
+  std::copy_n(parts.data(), channels, out.mutable_data_ptr<double>());
+  return out;
 }
 
 core::NormSpec stage_spec(c10::string_view norm, int64_t k, double p, c10::string_view constant, int64_t count) {
@@ -94,12 +89,22 @@ std::tuple<Tensor, Tensor, Tensor> collect_cpu(const Tensor& input, c10::string_
   const auto [x, layout] = channel_view(input);
   const int64_t channels = layout.C;
   const int64_t per_end = spec.extremes_per_end();
-  Tensor sum = doubles(channels, x);
-  std::vector<core::Candidate> largest(channels * per_end), smallest(channels * per_end);
+  const cpu::Dtype dtype = stage_dtype(x, "batch_norm_collect");
+  const Plan plan = make_plan(layout, x.element_size(), 1, per_end > 1);
+  std::vector<double> sums(plan.parts * channels);
+  std::vector<core::Candidate> largest(plan.parts * channels * per_end), smallest(largest.size());
   const cpu::Kernels& kernels = cpu::kernels();
-  const cpu::StatsArgs args{layout, stage_dtype(x, "batch_norm_collect"), x.const_data_ptr(), 1, per_end,
-                            sum.mutable_data_ptr<double>(), largest.data(), smallest.data()};
-  for_each_channel_tile(layout, [&](const Tile& t) { kernels.collect_stats(args, t); });
+  for_each_tile(plan, [&](const Tile& t, int64_t part) {
+    const cpu::StatsArgs args{layout, dtype, x.const_data_ptr(), 1, per_end, sums.data() + part * channels,
+                              largest.data() + part * channels * per_end, smallest.data() + part * channels * per_end};
+    kernels.collect_stats(args, t);
+  });
+  combine_sums(sums.data(), channels, plan.parts);
+  if (per_end > 0) {
+    combine_extremes(largest.data(), channels, plan.parts, per_end, per_end);
+    combine_extremes(smallest.data(), channels, plan.parts, per_end, per_end);
+  }
+  Tensor sum = combined(sums, channels, x);
 
   // [C, 2, per_end]: end 0 the largest x (values x), end 1 the smallest (values -x), as the
   // passes keep them; empty slots have value -inf and index INT64_MAX.
@@ -126,23 +131,28 @@ std::tuple<Tensor, Tensor> deviations_cpu(const Tensor& input, const Tensor& mea
   const auto [x, layout] = channel_view(input);
   const int64_t channels = layout.C;
   const Tensor mean_values = channel_values(mean, channels, "mean", "batch_norm_deviations");
-  Tensor deviation_sum = doubles(channels, x), phi_sum = doubles(channels, x);
   if (!spec.uses_deviation_sums()) {
-    deviation_sum.zero_();
-    phi_sum.zero_();
-    return {deviation_sum, phi_sum};
+    Tensor zeros = doubles(channels, x).zero_();
+    return {zeros, zeros.clone()};
   }
+  const cpu::Dtype dtype = stage_dtype(x, "batch_norm_deviations");
+  const Plan plan = make_plan(layout, x.element_size(), 1);
+  std::vector<double> deviations(plan.parts * channels), phis(deviations.size());
   const cpu::Kernels& kernels = cpu::kernels();
-  const cpu::DeviationArgs args{layout,
-                                stage_dtype(x, "batch_norm_deviations"),
-                                x.const_data_ptr(),
-                                mean_values.const_data_ptr<double>(),
-                                spec.phi(),
-                                spec.deviation_power(),
-                                deviation_sum.mutable_data_ptr<double>(),
-                                phi_sum.mutable_data_ptr<double>()};
-  for_each_channel_tile(layout, [&](const Tile& t) { kernels.collect_deviations(args, t); });
-  return {deviation_sum, phi_sum};
+  for_each_tile(plan, [&](const Tile& t, int64_t part) {
+    const cpu::DeviationArgs args{layout,
+                                  dtype,
+                                  x.const_data_ptr(),
+                                  mean_values.const_data_ptr<double>(),
+                                  spec.phi(),
+                                  spec.deviation_power(),
+                                  deviations.data() + part * channels,
+                                  phis.data() + part * channels};
+    kernels.collect_deviations(args, t);
+  });
+  combine_sums(deviations.data(), channels, plan.parts);
+  combine_sums(phis.data(), channels, plan.parts);
+  return {combined(deviations, channels, x), combined(phis, channels, x)};
 }
 
 using FinalizeResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -237,7 +247,8 @@ Tensor apply_cpu(const Tensor& input, const Tensor& mean, const Tensor& invstd, 
   const cpu::Kernels& kernels = cpu::kernels();
   const cpu::AffineArgs args{layout,         stage_dtype(x, op),         x.const_data_ptr(), output.mutable_data_ptr(),
                              mean_values.const_data_ptr<double>(), scale.data(), b.data()};
-  for_each_channel_tile(layout, [&](const Tile& t) { kernels.apply_affine(args, t); });
+  const Plan plan = make_apply_plan(layout, x.element_size(), make_plan(layout, x.element_size(), 1));
+  for_each_tile(plan, [&](const Tile& t, int64_t) { kernels.apply_affine(args, t); });
   return in_layout_of(output, input);
 }
 
@@ -252,17 +263,23 @@ std::tuple<Tensor, Tensor> reduce_grad_cpu(const Tensor& grad_output, const Tens
   const Tensor grad = match_layout(grad_output.to(x.scalar_type()), x);
   const int64_t channels = layout.C;
   const Tensor mean_values = channel_values(mean, channels, "mean", op);
-  Tensor sum_g = doubles(channels, x), sum_gd = doubles(channels, x);
+  const cpu::Dtype dtype = stage_dtype(x, op);
+  const Plan plan = make_plan(layout, x.element_size(), 2);
+  std::vector<double> sums_g(plan.parts * channels), sums_gd(sums_g.size());
   const cpu::Kernels& kernels = cpu::kernels();
-  const cpu::GradReduceArgs args{layout,
-                                 stage_dtype(x, op),
-                                 grad.const_data_ptr(),
-                                 x.const_data_ptr(),
-                                 mean_values.const_data_ptr<double>(),
-                                 sum_g.mutable_data_ptr<double>(),
-                                 sum_gd.mutable_data_ptr<double>()};
-  for_each_channel_tile(layout, [&](const Tile& t) { kernels.reduce_grad(args, t); });
-  return {sum_g, sum_gd};
+  for_each_tile(plan, [&](const Tile& t, int64_t part) {
+    const cpu::GradReduceArgs args{layout,
+                                   dtype,
+                                   grad.const_data_ptr(),
+                                   x.const_data_ptr(),
+                                   mean_values.const_data_ptr<double>(),
+                                   sums_g.data() + part * channels,
+                                   sums_gd.data() + part * channels};
+    kernels.reduce_grad(args, t);
+  });
+  combine_sums(sums_g.data(), channels, plan.parts);
+  combine_sums(sums_gd.data(), channels, plan.parts);
+  return {combined(sums_g, channels, x), combined(sums_gd, channels, x)};
 }
 
 Tensor apply_grad_cpu(const Tensor& grad_output, const Tensor& input, const OptionalTensor& weight,
@@ -324,7 +341,8 @@ Tensor apply_grad_cpu(const Tensor& grad_output, const Tensor& input, const Opti
                                 local_index.data(),
                                 sparse_values.const_data_ptr<double>(),
                                 cols};
-  for_each_channel_tile(layout, [&](const Tile& t) { kernels.apply_grad(args, t); });
+  const Plan plan = make_apply_plan(layout, x.element_size(), make_plan(layout, x.element_size(), 2));
+  for_each_tile(plan, [&](const Tile& t, int64_t) { kernels.apply_grad(args, t); });
   return in_layout_of(grad_input, input);
 }
 

@@ -1,0 +1,166 @@
+// How the CPU operators cut their work into tiles (a channel range times a row range) over
+// torch's intra-op threads, and combine the tiles' partial statistics. Two schedules, chosen
+// per call from the shape alone (so results do not depend on the thread count):
+//   fused  one task per channel runs every pass of the channel back to back, so the second
+//          and third reads of its data hit the core's L2 cache (channel-major layouts whose
+//          channel fits in the L2, with enough channels to keep every core busy);
+//   split  each pass runs over all tiles before the next starts; a tile is a channel range
+//          times a row range, channels with few siblings are cut into row parts and
+//          channels-last inputs into row blocks, and the tiles' partial statistics are
+//          combined exactly in a fixed order (sums in double, extreme lists merged).
+// LPNORM_CPU_SCHEDULE=fused|split forces one (tests cover both; benchmarks measure both).
+// The fused operators (batch_norm_kernel.cpp) run either; the stage operators
+// (batch_norm_stages.cpp) run each pass over the split schedule's tiles.
+#pragma once
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "core/channel_math.h"
+#include "cpu/kernels.h"
+#include "ops/cpu/parallel.h"
+
+namespace lpnorm::ops {
+
+enum class Forced { None, Fused, Split };
+
+inline Forced forced_schedule() {
+  const char* value = std::getenv("LPNORM_CPU_SCHEDULE");
+  if (value == nullptr) return Forced::None;
+  if (std::strcmp(value, "fused") == 0) return Forced::Fused;
+  if (std::strcmp(value, "split") == 0) return Forced::Split;
+  return Forced::None;
+}
+
+inline int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return reported > 0 ? static_cast<int64_t>(reported) : int64_t{512} << 10;
+  }();
+  return bytes;
+}
+
+constexpr int64_t kMinTasks = 16;          // channel-major: cut channels into row parts below this
+constexpr int64_t kMinPartElements = 16384;
+constexpr int64_t kBlockElements = 65536;  // channels-innermost: elements per row block
+constexpr int64_t kMaxBlocks = 16;  // channels-innermost: row blocks per span
+// Each row block restarts the top-k lists, and a list's first rows nearly all enter it:
+// (32,64,56,56) channels-last topk forward, 16 -> 4 blocks: 1 thread 6.1-8.3 -> 3.7-4.1 ms,
+// 2 threads 3.6-4.5 -> 2.4-3.6 ms.
+constexpr int64_t kMaxListBlocks = 4;
+constexpr int64_t kChannelSpan = 64;  // channels-innermost: channels per tile (a multiple of every W)
+// Fused channels-innermost spans read at least this much of each row (or all of it): 256-byte
+// pieces of rows pages apart ((256, 1024)) kept every pass well below the speed of the caches
+// (measurements in docs/cpu-performance.md).
+constexpr int64_t kRowBytes = 1024;
+constexpr int64_t kMinFusedSpans = 4;  // tasks of the fused channels-innermost schedule
+
+struct Plan {
+  bool fused = false;
+  int64_t parts = 1;           // partial buffers: row parts per channel
+  std::vector<cpu::Tile> tiles;
+  std::vector<int64_t> part;   // which partial buffer each tile writes
+};
+
+// `streams`: full-size tensors a fused channel reads (x; or grad and x). `extreme_lists`: the
+// pass keeps top-k lists, which every row block refills.
+inline Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64_t streams, bool extreme_lists = false) {
+  Plan plan;
+  if (l.C == 0) return plan;  // no channels, no tiles (and no division by C below)
+  const int64_t m = l.count();
+  const Forced forced = forced_schedule();
+  auto add = [&](int64_t c_begin, int64_t c_end, int64_t part) {
+    plan.tiles.push_back({c_begin, c_end, m * part / plan.parts, m * (part + 1) / plan.parts});
+    plan.part.push_back(part);
+  };
+  if (cpu::walk_of(l) == cpu::Walk::ChannelsInnermost) {
+    const auto fits_l2 = [&](int64_t span) { return m * span * element_bytes * streams <= l2_cache_bytes() * 7 / 8; };
+    // Spans whose rows fit the L2 run fused like channel-major channels ((N, C) with few
+    // rows): kRowBytes of a row at a time where that leaves kMinFusedSpans tasks, in whole
+    // kChannelSpan multiples (whole vectors of every build).
+    const int64_t wanted = std::min(kRowBytes / element_bytes, l.C / kMinFusedSpans);
+    const int64_t fused_span = std::max(kChannelSpan, wanted / kChannelSpan * kChannelSpan);
+    if (forced != Forced::Split && (l.C + fused_span - 1) / fused_span >= kMinFusedSpans && fits_l2(fused_span)) {
+      plan.fused = true;
+      for (int64_t c = 0; c < l.C; c += fused_span) add(c, std::min(l.C, c + fused_span), 0);
+      return plan;
+    }
+    // Otherwise row blocks of whole rows, read in memory order like a copy ((2048, 1024)
+    // float32 forward at 1 thread: 1 KiB row pieces 1.11 ms, whole rows 0.84 ms, torch 0.86 ms).
+    // Top-k lists keep spans of kChannelSpan channels over all rows where there are enough of
+    // them: wider spans need more row blocks, and each refills its lists (measured slower).
+    const int64_t span = extreme_lists ? kChannelSpan : l.C;
+    const int64_t spans = (l.C + span - 1) / span;
+    const int64_t blocks = (kMinTasks + spans - 1) / spans;
+    plan.parts = std::clamp<int64_t>(std::min(blocks, l.C * m / kBlockElements), 1,
+                                     std::min<int64_t>(extreme_lists ? kMaxListBlocks : kMaxBlocks,
+                                                       std::max<int64_t>(m, 1)));
+    plan.fused = plan.parts == 1 && forced != Forced::Split && (fits_l2(std::min(l.C, span)) || forced == Forced::Fused);
+    for (int64_t c = 0; c < l.C; c += span) {
+      for (int64_t p = 0; p < plan.parts; ++p) add(c, std::min(l.C, c + span), p);
+    }
+    return plan;
+  }
+  if (l.C < kMinTasks && forced != Forced::Fused) {
+    plan.parts = std::clamp<int64_t>((kMinTasks + l.C - 1) / l.C, 1, std::max<int64_t>(1, m / kMinPartElements));
+  }
+  if (forced == Forced::Split && plan.parts == 1 && m >= 2) plan.parts = 2;  // tests: exercise the combine
+  // Measured on Zen 4 (1 MiB L2): fusing pays even when grad and x of a channel fill 80% of it.
+  const bool fits = m * element_bytes * streams <= l2_cache_bytes() * 7 / 8;
+  plan.fused = plan.parts == 1 && forced != Forced::Split && (fits || forced == Forced::Fused);
+  for (int64_t c = 0; c < l.C; ++c) {
+    for (int64_t p = 0; p < plan.parts; ++p) add(c, c + 1, p);
+  }
+  return plan;
+}
+
+// The tiles of an element-wise pass that runs alone (evaluation; the split schedule's last
+// pass): channel-major layouts with planes as row blocks across every channel, which the
+// kernels walk in memory order; a channel at a time, short planes C planes apart wait on
+// memory one by one. Channels-innermost tiles already run in memory order.
+constexpr int64_t kApplyTileBytes = int64_t{256} << 10;
+
+// `plan` (the pass's own, its last use: moved in) is returned where it serves.
+inline Plan make_apply_plan(const core::ChannelLayout& l, int64_t element_bytes, Plan plan) {
+  if (cpu::walk_of(l) == cpu::Walk::ChannelsInnermost || l.S == 1 || l.N < 2 || l.C < 2) return plan;
+  const int64_t rows = l.count();
+  const int64_t blocks =
+      std::clamp<int64_t>(rows * l.C * element_bytes / kApplyTileBytes, 1, std::min<int64_t>(kMinTasks, rows));
+  Plan apply;
+  for (int64_t b = 0; b < blocks; ++b) {
+    apply.tiles.push_back({0, l.C, rows * b / blocks, rows * (b + 1) / blocks});
+    apply.part.push_back(0);
+  }
+  return apply;
+}
+
+template <typename Fn>
+void for_each_tile(const Plan& plan, const Fn& fn) {
+  cpu_parallel_for(0, static_cast<int64_t>(plan.tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) fn(plan.tiles[i], plan.part[i]);
+  });
+}
+
+// Adds the partial sums of parts 1.. into part 0 ([parts][C] buffers), in part order.
+inline void combine_sums(double* parts, int64_t channels, int64_t count) {
+  for (int64_t p = 1; p < count; ++p) {
+    for (int64_t c = 0; c < channels; ++c) parts[c] += parts[p * channels + c];
+  }
+}
+
+inline void combine_extremes(core::Candidate* parts, int64_t channels, int64_t count, int64_t lists,
+                      int64_t per_end) {
+  const int64_t stride = channels * lists;
+  for (int64_t p = 1; p < count; ++p) {
+    for (int64_t list = 0; list < stride; list += per_end) {
+      core::merge_extremes(parts + list, parts + p * stride + list, per_end);
+    }
+  }
+}
+
+}  // namespace lpnorm::ops
