@@ -263,12 +263,13 @@ def test_stage_operators_pass_opcheck_and_equal_the_fused_operator():
         torch.library.opcheck(ops.batch_norm_apply_grad, grad_args)
 
 
-def test_stage_operators_split_channels_last_rows_across_threads():
+def test_stage_operators_split_channels_last_rows_across_threads(monkeypatch):
     """The stages run over the split schedule's tiles: a channels-last input is cut into row
     blocks, a count fixed by the shape, whose partial statistics are combined in block order.
     Every output equals the one-thread output bit for bit, the sparse terms of apply_grad
-    included (topk's indices fall in both halves of the rows); the combined statistics are
-    the float64 sums."""
+    included (topk's indices fall in both halves of the rows), and so do the element passes
+    written with non-temporal stores (forced here: they start at 4 MiB); the combined
+    statistics are the float64 sums."""
     import lpnorm  # noqa: F401  (registers the operators)
 
     ops = torch.ops.lpnorm
@@ -296,10 +297,13 @@ def test_stage_operators_split_channels_last_rows_across_threads():
         one = stages()
         torch.set_num_threads(2)
         two = stages()
+        monkeypatch.setenv("LPNORM_CPU_STREAM", "1")
+        streamed = stages()
     finally:
         torch.set_num_threads(threads)
     for name in one:
         assert torch.equal(one[name], two[name]), name
+        assert torch.equal(one[name], streamed[name]), name
     assert (one["sparse_index"] < m // 2).any() and (one["sparse_index"] >= m // 2).any()
     # and what they compute (float32 lanes, folded into float64 every few rows)
     sums = dict(rtol=1e-5, atol=1e-3)

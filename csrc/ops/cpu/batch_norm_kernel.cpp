@@ -76,16 +76,6 @@ Tensor values_tensor(Values<double> values, const Tensor& like, at::ScalarType d
   return direct ? out : out.to(dtype);
 }
 
-// Outputs this big are written with non-temporal stores: they would not stay in the caches
-// anyway, and the stores skip reading the lines first. LPNORM_CPU_STREAM=0|1 forces it.
-constexpr int64_t kStreamBytes = int64_t{4} << 20;  // measured: helps from 4 MiB (float32, 2 MiB L2 in all)
-
-bool streams_output(const Tensor& x) {
-  const char* forced = std::getenv("LPNORM_CPU_STREAM");
-  if (forced != nullptr && *forced != '\0') return forced[0] == '1';
-  return static_cast<int64_t>(x.nbytes()) >= kStreamBytes;
-}
-
 // ---- forward -------------------------------------------------------------------------------
 
 ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
@@ -106,7 +96,7 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
   const void* xp = x.const_data_ptr();
   Tensor output = at::empty_like(x);
   void* yp = output.mutable_data_ptr();
-  const bool stream = streams_output(x);
+  const bool stream = streams_output(x.nbytes());
 
   Scratch scratch;
   const Values<double> w = per_channel(scratch, weight, channels, 1.0), b = per_channel(scratch, bias, channels, 0.0);
@@ -306,7 +296,7 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
   auto apply = [&](const Tile& t) {
     kernels.apply_grad({layout, dtype, grad.const_data_ptr(), x.const_data_ptr(), grad_input.mutable_data_ptr(),
                         mean.data(), spec.phi(), spec.p, grad_coef.data(), index.const_data_ptr<int64_t>(),
-                        sparse.data(), cols, streams_output(x)},
+                        sparse.data(), cols, streams_output(x.nbytes())},
                        t);
   };
 

@@ -245,8 +245,14 @@ Tensor apply_cpu(const Tensor& input, const Tensor& mean, const Tensor& invstd, 
   for (int64_t c = 0; c < channels; ++c) scale[c] = invstd_values.const_data_ptr<double>()[c] * w[c];
   Tensor output = at::empty_like(x);
   const cpu::Kernels& kernels = cpu::kernels();
-  const cpu::AffineArgs args{layout,         stage_dtype(x, op),         x.const_data_ptr(), output.mutable_data_ptr(),
-                             mean_values.const_data_ptr<double>(), scale.data(), b.data()};
+  const cpu::AffineArgs args{layout,
+                             stage_dtype(x, op),
+                             x.const_data_ptr(),
+                             output.mutable_data_ptr(),
+                             mean_values.const_data_ptr<double>(),
+                             scale.data(),
+                             b.data(),
+                             streams_output(output.nbytes())};
   const Plan plan = make_apply_plan(layout, x.element_size(), make_plan(layout, x.element_size(), 1));
   for_each_tile(plan, [&](const Tile& t, int64_t) { kernels.apply_affine(args, t); });
   return in_layout_of(output, input);
@@ -340,7 +346,8 @@ Tensor apply_grad_cpu(const Tensor& grad_output, const Tensor& input, const Opti
                                 grad_coef.data(),
                                 local_index.data(),
                                 sparse_values.const_data_ptr<double>(),
-                                cols};
+                                cols,
+                                streams_output(grad_input.nbytes())};
   const Plan plan = make_apply_plan(layout, x.element_size(), make_plan(layout, x.element_size(), 2));
   for_each_tile(plan, [&](const Tile& t, int64_t) { kernels.apply_grad(args, t); });
   return in_layout_of(grad_input, input);

@@ -9,8 +9,9 @@
 //          channels-last inputs into row blocks, and the tiles' partial statistics are
 //          combined exactly in a fixed order (sums in double, extreme lists merged).
 // LPNORM_CPU_SCHEDULE=fused|split forces one (tests cover both; benchmarks measure both).
-// The fused operators (batch_norm_kernel.cpp) run either; the stage operators
-// (batch_norm_stages.cpp) run each pass over the split schedule's tiles.
+// Also which outputs are written with non-temporal stores. The fused operators
+// (batch_norm_kernel.cpp) run either schedule; the stage operators (batch_norm_stages.cpp) run
+// each pass over the split schedule's tiles.
 #pragma once
 
 #include <unistd.h>
@@ -59,6 +60,16 @@ constexpr int64_t kChannelSpan = 64;  // channels-innermost: channels per tile (
 // (measurements in docs/cpu-performance.md).
 constexpr int64_t kRowBytes = 1024;
 constexpr int64_t kMinFusedSpans = 4;  // tasks of the fused channels-innermost schedule
+
+// Outputs this big are written with non-temporal stores: they would not stay in the caches
+// anyway, and the stores skip reading the lines first. LPNORM_CPU_STREAM=0|1 forces it.
+constexpr int64_t kStreamBytes = int64_t{4} << 20;  // measured: helps from 4 MiB (float32, 2 MiB L2 in all)
+
+inline bool streams_output(int64_t output_bytes) {
+  const char* forced = std::getenv("LPNORM_CPU_STREAM");
+  if (forced != nullptr && *forced != '\0') return forced[0] == '1';
+  return output_bytes >= kStreamBytes;
+}
 
 struct Plan {
   bool fused = false;
