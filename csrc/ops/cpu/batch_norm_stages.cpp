@@ -76,6 +76,19 @@ Tensor combined(const std::vector<double>& parts, int64_t channels, const Tensor
   return out;
 }
 
+// A reduction with two sums per channel over the plan's tiles, each part into its own [C]
+// slices (reduce(tile, first, second)), combined in part order.
+template <typename Reduce>
+std::tuple<Tensor, Tensor> two_sums(const Plan& plan, int64_t channels, const Tensor& like, const Reduce& reduce) {
+  std::vector<double> first(plan.parts * channels), second(first.size());
+  for_each_tile(plan, [&](const Tile& t, int64_t part) {
+    reduce(t, first.data() + part * channels, second.data() + part * channels);
+  });
+  combine_sums(first.data(), channels, plan.parts);
+  combine_sums(second.data(), channels, plan.parts);
+  return {combined(first, channels, like), combined(second, channels, like)};
+}
+
 core::NormSpec stage_spec(c10::string_view norm, int64_t k, double p, c10::string_view constant, int64_t count) {
   return parse_norm_spec(norm, k, p, 1, constant, 1, count);
 }
@@ -136,23 +149,12 @@ std::tuple<Tensor, Tensor> deviations_cpu(const Tensor& input, const Tensor& mea
     return {zeros, zeros.clone()};
   }
   const cpu::Dtype dtype = stage_dtype(x, "batch_norm_deviations");
-  const Plan plan = make_plan(layout, x.element_size(), 1);
-  std::vector<double> deviations(plan.parts * channels), phis(deviations.size());
   const cpu::Kernels& kernels = cpu::kernels();
-  for_each_tile(plan, [&](const Tile& t, int64_t part) {
-    const cpu::DeviationArgs args{layout,
-                                  dtype,
-                                  x.const_data_ptr(),
-                                  mean_values.const_data_ptr<double>(),
-                                  spec.phi(),
-                                  spec.deviation_power(),
-                                  deviations.data() + part * channels,
-                                  phis.data() + part * channels};
-    kernels.collect_deviations(args, t);
+  return two_sums(make_plan(layout, x.element_size(), 1), channels, x, [&](const Tile& t, double* deviation, double* phi) {
+    kernels.collect_deviations({layout, dtype, x.const_data_ptr(), mean_values.const_data_ptr<double>(), spec.phi(),
+                                spec.deviation_power(), deviation, phi},
+                               t);
   });
-  combine_sums(deviations.data(), channels, plan.parts);
-  combine_sums(phis.data(), channels, plan.parts);
-  return {combined(deviations, channels, x), combined(phis, channels, x)};
 }
 
 using FinalizeResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -270,22 +272,12 @@ std::tuple<Tensor, Tensor> reduce_grad_cpu(const Tensor& grad_output, const Tens
   const int64_t channels = layout.C;
   const Tensor mean_values = channel_values(mean, channels, "mean", op);
   const cpu::Dtype dtype = stage_dtype(x, op);
-  const Plan plan = make_plan(layout, x.element_size(), 2);
-  std::vector<double> sums_g(plan.parts * channels), sums_gd(sums_g.size());
   const cpu::Kernels& kernels = cpu::kernels();
-  for_each_tile(plan, [&](const Tile& t, int64_t part) {
-    const cpu::GradReduceArgs args{layout,
-                                   dtype,
-                                   grad.const_data_ptr(),
-                                   x.const_data_ptr(),
-                                   mean_values.const_data_ptr<double>(),
-                                   sums_g.data() + part * channels,
-                                   sums_gd.data() + part * channels};
-    kernels.reduce_grad(args, t);
+  return two_sums(make_plan(layout, x.element_size(), 2), channels, x, [&](const Tile& t, double* sum_g, double* sum_gd) {
+    kernels.reduce_grad(
+        {layout, dtype, grad.const_data_ptr(), x.const_data_ptr(), mean_values.const_data_ptr<double>(), sum_g, sum_gd},
+        t);
   });
-  combine_sums(sums_g.data(), channels, plan.parts);
-  combine_sums(sums_gd.data(), channels, plan.parts);
-  return {combined(sums_g, channels, x), combined(sums_gd, channels, x)};
 }
 
 Tensor apply_grad_cpu(const Tensor& grad_output, const Tensor& input, const OptionalTensor& weight,
