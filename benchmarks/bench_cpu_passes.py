@@ -4,11 +4,11 @@ y.copy_(x) of the same tensor: how close each pass comes to the memory's speed.
 The passes are the stage operators that SyncLpBatchNorm calls between its all-reduces; the
 fused training operator runs the same kernels (collect = the statistics pass, with top-k lists
 for linf and topk; deviations = l1's second pass; reduce_grad = the backward's sums over grad
-and x; apply = the element pass writing y). The stage operators walk a channels-last tensor as
-one tile of all its channels, where the fused operator cuts the lists' pass into spans of 64
-channels: "collect linf/topk" at C >= 128 is the stage path only. One thread, all contenders
-interleaved round by round in one process, the best round kept: the ratios hold on a busy
-machine even when the absolute times move.
+and x; apply = the element pass writing y). The stage operators run each pass over the split
+schedule's tiles, as the fused operator does: row blocks of all channels, spans of 64 channels
+for the top-k lists (one thread carries a span's lists through its row blocks). One thread,
+all contenders interleaved round by round in one process, the best round kept: the ratios hold
+on a busy machine even when the absolute times move.
 
     python benchmarks/bench_cpu_passes.py                     # C = 64, 128, 256, 512, ~25 MB
     python benchmarks/bench_cpu_passes.py --channels 64 --dtype bfloat16

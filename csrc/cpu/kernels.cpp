@@ -381,6 +381,14 @@ constexpr int64_t kNoSplit = std::numeric_limits<int64_t>::max();
 
 Walk walk(const Layout& l) { return walk_of(l); }
 
+// A reduction's rows, cut into consecutive parts summed apart (part j's sums to out + j * C):
+// the split schedule's row parts that one call walks (Kernels::collect_stats).
+struct Parts {
+  const Tile* tiles;
+  int64_t count;
+  Tile whole() const { return {tiles[0].c_begin, tiles[0].c_end, tiles[0].row_begin, tiles[count - 1].row_end}; }
+};
+
 // Channel-major: the tile's elements of channel c as runs of evenly strided elements, in
 // increasing flat order, never crossing a multiple of `split`. Calls
 // run(offset, stride, length, flat).
@@ -643,13 +651,14 @@ struct Extremes {
   }
 };
 
-// Channel-major reduction of the tile into out0[c] / out1[c].
+// Channel-major reduction of each part into out0[j * C + c] / out1[j * C + c].
 template <typename T, typename Op, typename Ext>
-void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g, const double* mean, const Op& op,
-                          const Ext& ext, double* out0, double* out1) {
+void reduce_channel_major(const Layout& l, const Parts& parts, const T* x, const T* g, const double* mean,
+                          const Op& op, const Ext& ext, double* out0, double* out1) {
   using A = AccOf<T>;
   using V = VecOf<T>;
   constexpr int W = kLanes<T>;
+  const Tile t = parts.whole();
   for (int64_t c = t.c_begin; c < t.c_end; ++c) {
     const V m = splat<V>(static_cast<A>(mean != nullptr ? mean[c] : 0.0));
     V s0a{}, s0b{}, s1a{}, s1b{};
@@ -662,8 +671,7 @@ void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g
       steps = 0;
     };
     A hi = 0, lo = 0;
-    for_each_run(l, c, t.row_begin, t.row_end, ext.split(), [&](int64_t offset, int64_t stride, int64_t length,
-                                                                int64_t flat) {
+    auto run = [&](int64_t offset, int64_t stride, int64_t length, int64_t flat) {
       const T* px = x + offset;
       const T* pg = g != nullptr ? g + offset : nullptr;
       Candidate *up_list = nullptr, *down_list = nullptr;
@@ -709,10 +717,14 @@ void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g
         check(x0, flat + i, n == W ? all : (1u << n) - 1u);
         if (++steps == kFoldEvery) fold();
       }
-    });
-    fold();
-    out0[c] = t0;
-    if (out1 != nullptr) out1[c] = t1;
+    };
+    for (int64_t j = 0; j < parts.count; ++j) {  // the lists go on from part to part
+      for_each_run(l, c, parts.tiles[j].row_begin, parts.tiles[j].row_end, ext.split(), run);
+      fold();
+      out0[j * l.C + c] = t0;
+      if (out1 != nullptr) out1[j * l.C + c] = t1;
+      t0 = t1 = 0;
+    }
   }
 }
 
@@ -1268,11 +1280,12 @@ struct LaneLists {
 // Channels-innermost reduction: rows of contiguous channels, a block of kBlockRows rows a few
 // vectors of channels at a time, float lanes folded into double every kFoldEvery rows.
 template <typename T, typename Op, typename Ext>
-void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const T* g, const double* mean,
+void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, const T* g, const double* mean,
                                const Op& op, const Ext& ext, double* out0, double* out1) {
   using A = AccOf<T>;
   using V = VecOf<T>;
   constexpr int W = kLanes<T>;
+  const Tile t = parts.whole();
   const int64_t channels = t.c_end - t.c_begin;
   const int64_t groups = (channels + W - 1) / W;
   const int tail = static_cast<int>(channels - (groups - 1) * W);
@@ -1290,8 +1303,10 @@ void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const
   };
   auto flush = [&](int64_t next_row) {  // lists to the Candidates, restart at next_row
     if constexpr (Ext::kActive) {
-      // The last flush of a whole channel, where the caller needs only the largest |x - mean|.
-      if (ext.picked != nullptr && next_row == t.row_end && lists.base == 0 && t.row_end == l.count()) {
+      // The last flush of a whole channel, where the caller needs only the largest |x - mean|
+      // (t0: the sums of one part, all of the channel).
+      if (ext.picked != nullptr && parts.count == 1 && next_row == t.row_end && lists.base == 0 &&
+          t.row_end == l.count()) {
         lists.cover_deviations(t0.data(), channels, l.count());
       }
       lists.find_rows(tail);
@@ -1321,117 +1336,125 @@ void reduce_channels_innermost(const Layout& l, const Tile& t, const T* x, const
   };
   int steps = 0;  // rows summed in float since the last fold
   if constexpr (Ext::kActive) lists.start(groups, ext.per_end, t.row_end - t.row_begin, t.row_begin);
-  const int64_t row_begin = t.row_begin, row_end = t.row_end, split = ext.split();
-  // Wide rows of a tensor far bigger than the caches row by row, in memory order, the
-  // accumulators and means in L1: (32, C, H, W) channels-last float32, ~25 MB, 1 thread, the
-  // sum pass took 1.9-2.5x torch's x.sum() in blocks and chunks, this 1.3-1.5x at C = 128-256
-  // (the l1 deviation pass 3.0-3.6x -> 1.4-2.3x); at C = 512 neither order won, so at most
-  // 4 KiB of the two accumulators and the mean.
-  if (!Ext::kActive && walks_row_by_row<T>(l, groups, 3, 4 << 10)) {
-    for_each_row(l, row_begin, row_end, [&](int64_t, int64_t offset) {
-      if (++steps > kFoldEvery) {
-        fold();
-        steps = 1;
-      }
-      for (int64_t gi = 0; gi < groups; ++gi) {
-        visit(offset, gi, gi + 1 < groups ? W : tail, mean_of(gi), s0[gi], s1[gi], [](V) {});
-      }
-    });
-  } else {
-    // A block of rows is taken a few vectors of channels at a time, over all its rows, the
-    // accumulators, means and one-level lists of those vectors in registers. (One accumulator
-    // per vector carried from step to step through memory, every vector of a 4-row step at a
-    // time, left the 25 MB NHWC sum pass at C = 64 1.3-1.4x the time of torch's x.sum() and
-    // its l1 deviation pass 1.2-1.4x; now 1.0-1.1x. The topk stats pass of the same tensor:
-    // 2.8-3.5 -> 2.4-2.8x.)
-    for_each_row_step<kBlockRows>(l, row_begin, row_end, split, [&](int64_t r0, const int64_t* offsets, int rows) {
-      if constexpr (Ext::kActive) {
-        // The lists restart where a chunk starts and before their relative rows would overflow.
-        if ((split != kNoSplit && r0 % split == 0 && r0 != lists.base) ||
-            r0 + rows - lists.base > LaneLists<A>::kMaxSpan) {
-          flush(r0);
+  const int64_t split = ext.split();
+  // The rows of one part, each part's sums walked as if it were the only one.
+  auto walk_part = [&](int64_t row_begin, int64_t row_end) {
+    // Wide rows of a tensor far bigger than the caches row by row, in memory order, the
+    // accumulators and means in L1: (32, C, H, W) channels-last float32, ~25 MB, 1 thread, the
+    // sum pass took 1.9-2.5x torch's x.sum() in blocks and chunks, this 1.3-1.5x at C = 128-256
+    // (the l1 deviation pass 3.0-3.6x -> 1.4-2.3x); at C = 512 neither order won, so at most
+    // 4 KiB of the two accumulators and the mean.
+    if (!Ext::kActive && walks_row_by_row<T>(l, groups, 3, 4 << 10)) {
+      for_each_row(l, row_begin, row_end, [&](int64_t, int64_t offset) {
+        if (++steps > kFoldEvery) {
+          fold();
+          steps = 1;
         }
-      }
-      if (steps + rows > kFoldEvery) {
-        fold();
-        steps = 0;
-      }
-      for (int64_t g0 = 0; g0 < groups; g0 += kChunkGroups) {
-        with_chunk(groups - g0, tail != W, [&](auto chunk, auto short_last) {
-          // (GCC keeps an array on the stack where a loop variable indexes it: the loops over
-          // vectors are unrolled in the source.)
-          constexpr int G = decltype(chunk)::value;
-          auto lanes = [&](int gi) { return decltype(short_last)::value && gi == G - 1 ? tail : W; };
-          V a0[G] = {}, a1[G] = {}, m[G];
-          unrolled<G>([&](auto gi) { m[gi] = mean_of(g0 + gi); });
-          // The block's rows in order, each vector of the chunk handed to offer(gi, q, vector).
-          auto each_row = [&](auto&& offer) {
-            for (int q = 0; q < rows; ++q) {
+        for (int64_t gi = 0; gi < groups; ++gi) {
+          visit(offset, gi, gi + 1 < groups ? W : tail, mean_of(gi), s0[gi], s1[gi], [](V) {});
+        }
+      });
+    } else {
+      // A block of rows is taken a few vectors of channels at a time, over all its rows, the
+      // accumulators, means and one-level lists of those vectors in registers. (One accumulator
+      // per vector carried from step to step through memory, every vector of a 4-row step at a
+      // time, left the 25 MB NHWC sum pass at C = 64 1.3-1.4x the time of torch's x.sum() and
+      // its l1 deviation pass 1.2-1.4x; now 1.0-1.1x. The topk stats pass of the same tensor:
+      // 2.8-3.5 -> 2.4-2.8x.)
+      for_each_row_step<kBlockRows>(l, row_begin, row_end, split, [&](int64_t r0, const int64_t* offsets, int rows) {
+        if constexpr (Ext::kActive) {
+          // The lists restart where a chunk starts and before their relative rows would overflow.
+          if ((split != kNoSplit && r0 % split == 0 && r0 != lists.base) ||
+              r0 + rows - lists.base > LaneLists<A>::kMaxSpan) {
+            flush(r0);
+          }
+        }
+        if (steps + rows > kFoldEvery) {
+          fold();
+          steps = 0;
+        }
+        for (int64_t g0 = 0; g0 < groups; g0 += kChunkGroups) {
+          with_chunk(groups - g0, tail != W, [&](auto chunk, auto short_last) {
+            // (GCC keeps an array on the stack where a loop variable indexes it: the loops over
+            // vectors are unrolled in the source.)
+            constexpr int G = decltype(chunk)::value;
+            auto lanes = [&](int gi) { return decltype(short_last)::value && gi == G - 1 ? tail : W; };
+            V a0[G] = {}, a1[G] = {}, m[G];
+            unrolled<G>([&](auto gi) { m[gi] = mean_of(g0 + gi); });
+            // The block's rows in order, each vector of the chunk handed to offer(gi, q, vector).
+            auto each_row = [&](auto&& offer) {
+              for (int q = 0; q < rows; ++q) {
+                unrolled<G>([&](auto gi) {
+                  visit(offsets[q], g0 + gi, lanes(gi), m[gi], a0[gi], a1[gi], [&](V xv) { offer(gi, q, xv); });
+                });
+              }
+            };
+            // The same, vector by vector: copies written one group's at a time ((256, 1024) topk
+            // forward 1 thread: 425 us in row order, 344 in this; a linf NHWC forward took 1.6x
+            // as long in this order as in row order).
+            auto each_vector = [&](auto&& offer) {
               unrolled<G>([&](auto gi) {
-                visit(offsets[q], g0 + gi, lanes(gi), m[gi], a0[gi], a1[gi], [&](V xv) { offer(gi, q, xv); });
+                for (int q = 0; q < rows; ++q) {
+                  visit(offsets[q], g0 + gi, lanes(gi), m[gi], a0[gi], a1[gi], [&](V xv) { offer(gi, q, xv); });
+                }
+              });
+            };
+            if constexpr (!Ext::kActive) {
+              each_row([](int, int, V) {});
+            } else if (lists.levels == 1) {  // the lists' two ends in registers too
+              typename LaneLists<A>::Top top[G];
+              unrolled<G>([&](auto gi) { top[gi] = lists.top(g0 + gi); });
+              each_row([&](int gi, int q, V xv) { lists.offer_top(top[gi], xv, r0 + q); });
+              unrolled<G>([&](auto gi) { lists.keep(g0 + gi, top[gi]); });
+            } else if (lists.dense) {  // every vector copied
+              V* copy[G];
+              unrolled<G>([&](auto gi) { copy[gi] = lists.every_copy(g0 + gi, r0); });
+              each_vector([&](int gi, int q, V xv) { copy[gi][q] = xv; });
+              unrolled<G>([&](auto gi) { lists.copied_every(g0 + gi, r0 + rows); });
+            } else {
+              typename LaneLists<A>::Bounds bounds[G];
+              unrolled<G>([&](auto gi) { bounds[gi] = lists.bounds(g0 + gi); });
+              each_row([&](auto gi, int q, V xv) {
+                if (!bounds[gi].beaten_by(xv)) return;
+                lists.copy(g0 + gi, xv, r0 + q);
+                bounds[gi] = lists.bounds(g0 + gi);
               });
             }
-          };
-          // The same, vector by vector: copies written one group's at a time ((256, 1024) topk
-          // forward 1 thread: 425 us in row order, 344 in this; a linf NHWC forward took 1.6x
-          // as long in this order as in row order).
-          auto each_vector = [&](auto&& offer) {
             unrolled<G>([&](auto gi) {
-              for (int q = 0; q < rows; ++q) {
-                visit(offsets[q], g0 + gi, lanes(gi), m[gi], a0[gi], a1[gi], [&](V xv) { offer(gi, q, xv); });
-              }
+              s0[g0 + gi] += a0[gi];
+              s1[g0 + gi] += a1[gi];
             });
-          };
-          if constexpr (!Ext::kActive) {
-            each_row([](int, int, V) {});
-          } else if (lists.levels == 1) {  // the lists' two ends in registers too
-            typename LaneLists<A>::Top top[G];
-            unrolled<G>([&](auto gi) { top[gi] = lists.top(g0 + gi); });
-            each_row([&](int gi, int q, V xv) { lists.offer_top(top[gi], xv, r0 + q); });
-            unrolled<G>([&](auto gi) { lists.keep(g0 + gi, top[gi]); });
-          } else if (lists.dense) {  // every vector copied
-            V* copy[G];
-            unrolled<G>([&](auto gi) { copy[gi] = lists.every_copy(g0 + gi, r0); });
-            each_vector([&](int gi, int q, V xv) { copy[gi][q] = xv; });
-            unrolled<G>([&](auto gi) { lists.copied_every(g0 + gi, r0 + rows); });
-          } else {
-            typename LaneLists<A>::Bounds bounds[G];
-            unrolled<G>([&](auto gi) { bounds[gi] = lists.bounds(g0 + gi); });
-            each_row([&](auto gi, int q, V xv) {
-              if (!bounds[gi].beaten_by(xv)) return;
-              lists.copy(g0 + gi, xv, r0 + q);
-              bounds[gi] = lists.bounds(g0 + gi);
-            });
-          }
-          unrolled<G>([&](auto gi) {
-            s0[g0 + gi] += a0[gi];
-            s1[g0 + gi] += a1[gi];
           });
-        });
-      }
-      steps += rows;
-      if constexpr (Ext::kActive) {
-        if (lists.full) flush(r0 + rows);
-      }
-    });
-  }
-  fold();
-  flush(t.row_end);
-  for (int64_t c = 0; c < channels; ++c) {
-    out0[t.c_begin + c] = t0[c];
-    if (out1 != nullptr) out1[t.c_begin + c] = t1[c];
+        }
+        steps += rows;
+        if constexpr (Ext::kActive) {
+          if (lists.full) flush(r0 + rows);
+        }
+      });
+    }
+  };
+  for (int64_t j = 0; j < parts.count; ++j) {
+    walk_part(parts.tiles[j].row_begin, parts.tiles[j].row_end);
+    fold();
+    steps = 0;
+    if (j + 1 == parts.count) flush(t.row_end);
+    for (int64_t c = 0; c < channels; ++c) {
+      out0[j * l.C + t.c_begin + c] = t0[c];
+      if (out1 != nullptr) out1[j * l.C + t.c_begin + c] = t1[c];
+      t0[c] = t1[c] = 0;
+    }
   }
 }
 
 template <typename T, typename Op, typename Ext>
-void reduce(const Layout& l, const Tile& t, const void* x, const void* g, const double* mean, const Op& op,
+void reduce(const Layout& l, const Parts& parts, const void* x, const void* g, const double* mean, const Op& op,
             const Ext& ext, double* out0, double* out1) {
   const T* px = static_cast<const T*>(x);
   const T* pg = static_cast<const T*>(g);
   if (walk(l) == Walk::ChannelsInnermost) {
-    reduce_channels_innermost(l, t, px, pg, mean, op, ext, out0, out1);
+    reduce_channels_innermost(l, parts, px, pg, mean, op, ext, out0, out1);
   } else {
-    reduce_channel_major(l, t, px, pg, mean, op, ext, out0, out1);
+    reduce_channel_major(l, parts, px, pg, mean, op, ext, out0, out1);
   }
 }
 
@@ -1620,15 +1643,22 @@ void with_phi(PhiKind phi, Fn&& fn) {
 // ---------------------------------------------------------------------------------------
 // The passes
 
-void collect_stats(const StatsArgs& a, const Tile& t) {
+void collect_stats(const StatsArgs& a, const Tile* tiles, int64_t count) {
+  const Parts parts{tiles, count};
+  const Tile t = parts.whole();
+  const int64_t C = a.layout.C;
   const int64_t lists = a.chunks * a.per_end;  // candidates per channel and end
-  for (int64_t c = t.c_begin; c < t.c_end; ++c) {
-    a.sum[c] = 0;
-    if (a.per_end > 0) {
-      core::reset_extremes(a.largest + c * lists, lists);
-      core::reset_extremes(a.smallest + c * lists, lists);
+  for (int64_t j = 0; j < count; ++j) {
+    for (int64_t c = t.c_begin; c < t.c_end; ++c) {
+      a.sum[j * C + c] = 0;
+      if (a.per_end > 0) {
+        core::reset_extremes(a.largest + (j * C + c) * lists, lists);
+        core::reset_extremes(a.smallest + (j * C + c) * lists, lists);
+      }
     }
-    if (a.picked != nullptr) a.picked[c * a.per_end].index = -1;  // not picked (yet)
+  }
+  for (int64_t c = t.c_begin; a.picked != nullptr && c < t.c_end; ++c) {
+    a.picked[c * a.per_end].index = -1;  // not picked (yet)
   }
   if (t.row_end <= t.row_begin) return;
   with_element_type(a.dtype, [&](auto tag) {
@@ -1649,14 +1679,15 @@ void collect_stats(const StatsArgs& a, const Tile& t) {
       }
       for (int64_t c = t.c_begin; c < t.c_end; ++c) {
         a.pivot[c] = static_cast<double>(static_cast<AccOf<T>>(first > 0 ? a.pivot[c] / static_cast<double>(first) : 0.0));
+        for (int64_t j = 1; j < count; ++j) a.pivot[j * C + c] = a.pivot[c];
       }
-      reduce<T>(a.layout, t, a.x, nullptr, a.pivot, ShiftedSumsOp{}, NoExtremes{}, a.sum, a.sum_sq);
+      reduce<T>(a.layout, parts, a.x, nullptr, a.pivot, ShiftedSumsOp{}, NoExtremes{}, a.sum, a.sum_sq);
     } else if (a.per_end > 0) {
       const Extremes<AccOf<T>> ext{a.largest, a.smallest, a.chunks, a.per_end, a.layout.count() / a.chunks,
                                    a.chunks == 1 ? a.picked : nullptr};
-      reduce<T>(a.layout, t, a.x, nullptr, nullptr, SumOp{}, ext, a.sum, nullptr);
+      reduce<T>(a.layout, parts, a.x, nullptr, nullptr, SumOp{}, ext, a.sum, nullptr);
     } else {
-      reduce<T>(a.layout, t, a.x, nullptr, nullptr, SumOp{}, NoExtremes{}, a.sum, nullptr);
+      reduce<T>(a.layout, parts, a.x, nullptr, nullptr, SumOp{}, NoExtremes{}, a.sum, nullptr);
     }
   });
 }
@@ -1670,7 +1701,7 @@ void collect_deviations(const DeviationArgs& a, const Tile& t) {
     with_phi(a.phi, [&](auto phi) {
       if constexpr (phi.value != PhiKind::None) {
         const DeviationOp<phi.value, A> op{static_cast<A>(a.power)};
-        reduce<T>(a.layout, t, a.x, nullptr, a.mean, op, NoExtremes{}, a.deviation_sum, a.phi_sum);
+        reduce<T>(a.layout, Parts{&t, 1}, a.x, nullptr, a.mean, op, NoExtremes{}, a.deviation_sum, a.phi_sum);
       }
     });
   });
@@ -1689,7 +1720,7 @@ void reduce_grad(const GradReduceArgs& a, const Tile& t) {
   if (t.row_end <= t.row_begin) return;
   with_element_type(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    reduce<T>(a.layout, t, a.x, a.grad, a.mean, GradSumsOp{}, NoExtremes{}, a.sum_g, a.sum_gd);
+    reduce<T>(a.layout, Parts{&t, 1}, a.x, a.grad, a.mean, GradSumsOp{}, NoExtremes{}, a.sum_g, a.sum_gd);
   });
 }
 

@@ -111,7 +111,12 @@ Walk walk_of(const Layout& layout);
 
 struct Kernels {
   const char* isa;
-  void (*collect_stats)(const StatsArgs&, const Tile&);
+  // Over `count` consecutive row parts of one channel range (tiles[j + 1] starts where
+  // tiles[j] ends): part j's sums go to sum + j * C (and pivot, sum_sq), and the extreme lists,
+  // which merge exactly however the rows are cut, run through all the parts without
+  // restarting, into part 0's lists (the other parts' are left empty). One thread walking the
+  // split schedule's row blocks of a channels-last span refilled its lists at each block.
+  void (*collect_stats)(const StatsArgs&, const Tile* tiles, int64_t count);
   void (*collect_deviations)(const DeviationArgs&, const Tile&);
   void (*apply_affine)(const AffineArgs&, const Tile&);
   void (*reduce_grad)(const GradReduceArgs&, const Tile&);

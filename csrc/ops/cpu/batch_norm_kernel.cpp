@@ -187,7 +187,7 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
     if (plan.fused) {  // every pass of a tile (one channel, or a span of channels) while in cache
       const int64_t scratch = core::deviation_scratch_size(spec);
       for_each_tile(plan, [&](const Tile& t, int64_t) {
-        kernels.collect_stats(stats_args(0), t);
+        kernels.collect_stats(stats_args(0), &t, 1);
         bool one_pass = shifted;
         for (int64_t c = t.c_begin; c < t.c_end; ++c) {
           mean[c] = channel_mean(c);
@@ -200,7 +200,9 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
         affine(t);
       });
     } else {
-      for_each_tile(plan, [&](const Tile& t, int64_t part) { kernels.collect_stats(stats_args(part), t); });
+      for_each_tile_run(plan, [&](const Tile* tiles, int64_t count, int64_t part) {
+        kernels.collect_stats(stats_args(part), tiles, count);
+      });
       combine_sums(sum.data(), channels, plan.parts);
       if (shifted) combine_sums(sum_sq.data(), channels, plan.parts);
       if (per_end > 0) combine_extremes(largest.data(), channels, plan.parts, lists, per_end);

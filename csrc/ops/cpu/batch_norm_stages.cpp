@@ -107,10 +107,10 @@ std::tuple<Tensor, Tensor, Tensor> collect_cpu(const Tensor& input, c10::string_
   std::vector<double> sums(plan.parts * channels);
   std::vector<core::Candidate> largest(plan.parts * channels * per_end), smallest(largest.size());
   const cpu::Kernels& kernels = cpu::kernels();
-  for_each_tile(plan, [&](const Tile& t, int64_t part) {
+  for_each_tile_run(plan, [&](const Tile* tiles, int64_t count, int64_t part) {
     const cpu::StatsArgs args{layout, dtype, x.const_data_ptr(), 1, per_end, sums.data() + part * channels,
                               largest.data() + part * channels * per_end, smallest.data() + part * channels * per_end};
-    kernels.collect_stats(args, t);
+    kernels.collect_stats(args, tiles, count);
   });
   combine_sums(sums.data(), channels, plan.parts);
   if (per_end > 0) {

@@ -49,11 +49,11 @@ inline int64_t l2_cache_bytes() {
 constexpr int64_t kMinTasks = 16;          // channel-major: cut channels into row parts below this
 constexpr int64_t kMinPartElements = 16384;
 constexpr int64_t kBlockElements = 65536;  // channels-innermost: elements per row block
-constexpr int64_t kMaxBlocks = 16;  // channels-innermost: row blocks per span
-// Each row block restarts the top-k lists, and a list's first rows nearly all enter it:
-// (32,64,56,56) channels-last topk forward, 16 -> 4 blocks: 1 thread 6.1-8.3 -> 3.7-4.1 ms,
-// 2 threads 3.6-4.5 -> 2.4-3.6 ms.
-constexpr int64_t kMaxListBlocks = 4;
+// Channels-innermost: row blocks per span. The stats pass carries its top-k lists from block
+// to block within a thread (for_each_tile_run): each block restarting them, where a list's
+// first rows nearly all enter it, had made (32,64,56,56) channels-last topk forward at 1
+// thread 6.1-8.3 ms at 16 blocks, 3.7-4.1 ms at 4.
+constexpr int64_t kMaxBlocks = 16;
 constexpr int64_t kChannelSpan = 64;  // channels-innermost: channels per tile (a multiple of every W)
 // Fused channels-innermost spans read at least this much of each row (or all of it): 256-byte
 // pieces of rows pages apart ((256, 1024)) kept every pass well below the speed of the caches
@@ -79,7 +79,7 @@ struct Plan {
 };
 
 // `streams`: full-size tensors a fused channel reads (x; or grad and x). `extreme_lists`: the
-// pass keeps top-k lists, which every row block refills.
+// pass keeps top-k lists.
 inline Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64_t streams, bool extreme_lists = false) {
   Plan plan;
   if (l.C == 0) return plan;  // no channels, no tiles (and no division by C below)
@@ -104,13 +104,12 @@ inline Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64
     // Otherwise row blocks of whole rows, read in memory order like a copy ((2048, 1024)
     // float32 forward at 1 thread: 1 KiB row pieces 1.11 ms, whole rows 0.84 ms, torch 0.86 ms).
     // Top-k lists keep spans of kChannelSpan channels over all rows where there are enough of
-    // them: wider spans need more row blocks, and each refills its lists (measured slower).
+    // them (whole-row list tiles measured no better at 2 threads; docs/cpu-performance.md).
     const int64_t span = extreme_lists ? kChannelSpan : l.C;
     const int64_t spans = (l.C + span - 1) / span;
     const int64_t blocks = (kMinTasks + spans - 1) / spans;
     plan.parts = std::clamp<int64_t>(std::min(blocks, l.C * m / kBlockElements), 1,
-                                     std::min<int64_t>(extreme_lists ? kMaxListBlocks : kMaxBlocks,
-                                                       std::max<int64_t>(m, 1)));
+                                     std::min<int64_t>(kMaxBlocks, std::max<int64_t>(m, 1)));
     plan.fused = plan.parts == 1 && forced != Forced::Split && (fits_l2(std::min(l.C, span)) || forced == Forced::Fused);
     for (int64_t c = 0; c < l.C; c += span) {
       for (int64_t p = 0; p < plan.parts; ++p) add(c, std::min(l.C, c + span), p);
@@ -154,6 +153,22 @@ template <typename Fn>
 void for_each_tile(const Plan& plan, const Fn& fn) {
   cpu_parallel_for(0, static_cast<int64_t>(plan.tiles.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) fn(plan.tiles[i], plan.part[i]);
+  });
+}
+
+// The tiles as for_each_tile, but each thread's consecutive tiles of one channel range (a
+// span's row parts, in part order) come as one run: fn(tiles, count, first part). For passes
+// that carry state from part to part (the stats pass's top-k lists, Kernels::collect_stats):
+// the parts' sums stay apart, so the results do not depend on how the threads cut the runs.
+template <typename Fn>
+void for_each_tile_run(const Plan& plan, const Fn& fn) {
+  cpu_parallel_for(0, static_cast<int64_t>(plan.tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end;) {
+      int64_t j = i + 1;
+      while (j < end && plan.tiles[j].c_begin == plan.tiles[i].c_begin && plan.part[j] == plan.part[j - 1] + 1) ++j;
+      fn(plan.tiles.data() + i, j - i, plan.part[i]);
+      i = j;
+    }
   });
 }
 
