@@ -14,7 +14,6 @@
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <numeric>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -784,7 +783,7 @@ struct LaneLists {
   bool full = false;
   std::vector<V> values;  // [group][end][levels], sorted largest first, the top levels - per_end +inf
   std::unique_ptr<V[]> copies;   // [group][stride]
-  std::unique_ptr<R[]> copy_rows;
+  std::unique_ptr<R[]> copy_rows;  // the copies' rows, relative to `base` (not where dense: row_of)
   std::vector<int64_t> copied, inserted;  // per group
   std::vector<R> rows;  // [group][end][per_end][W], after find_rows, with the values found
   std::vector<A> found;
@@ -810,8 +809,7 @@ struct LaneLists {
       capacity = std::max<int64_t>(1, std::min(kMaxCopies, rows));
       stride = capacity + kBlockRows - 1;
       copies.reset(new V[static_cast<size_t>(groups * stride)]);
-      copy_rows.reset(new R[static_cast<size_t>(groups * stride)]);
-      for (int64_t g = 0; dense && g < groups; ++g) std::iota(&copy_rows[g * stride], &copy_rows[(g + 1) * stride], R{0});
+      if (!dense) copy_rows.reset(new R[static_cast<size_t>(groups * stride)]);
       copy_block = 1;
       while (levels <= kMaxLevels && copy_block < kMaxCopyBlock && rows >= 2 * copy_block * kBlocksPerLevel * k) {
         copy_block *= 2;
@@ -903,9 +901,13 @@ struct LaneLists {
   // ((256, 1024) topk forward 10% faster: the test and the lists' state in memory, row by row,
   // cost more than the network saved). Long spans keep the test (NHWC (32,64,56,56): their
   // stats pass was 10-20% slower storing every vector). every_copy: where row r of `group`
-  // goes (copy_rows already says r - base: see start).
+  // goes (copy r - base, so its row needs no record: row_of).
   LPNORM_INLINE V* every_copy(int64_t group, int64_t r) { return copies.get() + group * stride + (r - base); }
   LPNORM_INLINE void copied_every(int64_t group, int64_t r_end) { copied[group] = r_end - base; }
+  // The row (relative to base) of copy e of `group`.
+  LPNORM_INLINE R row_of(int64_t group, int64_t e) const {
+    return dense ? static_cast<R>(e) : copy_rows[group * stride + e];
+  }
 
   // The copies of `group` not yet in its lists go through the network.
   void insert_copies(int64_t group) {
@@ -1029,7 +1031,6 @@ struct LaneLists {
         bound[1] = finite ? near - mean : splat<V>(lowest);  // -x >= bound: x <= mean - near
       }
       const V* x = copies.get() + gi * stride;
-      const R* x_row = copy_rows.get() + gi * stride;
       const A* copy_value = reinterpret_cast<const A*>(x);  // lane `lane` of copy e at e * W + lane
       R* kept[2] = {kept_ids.data(), kept_ids.data() + ids_capacity};
       int64_t kept_count[2] = {0, 0};
@@ -1051,7 +1052,7 @@ struct LaneLists {
           const size_t lane = id % W;
           const size_t at = static_cast<size_t>(std::min(taken[lane]++, S)) * W + lane;  // slot S: past capacity
           slot_values[at] = sign * copy_value[id];
-          slot_rows[at] = x_row[id / W];
+          slot_rows[at] = row_of(gi, static_cast<int64_t>(id / W));
         }
         M count, overflow;
         int most = 0;
@@ -1102,10 +1103,9 @@ struct LaneLists {
     merged.assign(static_cast<size_t>(per_end), Candidate{});
     core::reset_extremes(merged.data(), per_end);
     const V* x = copies.get() + gi * stride;
-    const R* x_row = copy_rows.get() + gi * stride;
     for (int64_t e = 0; e < copied[gi]; ++e) {
       const A v = end == 0 ? x[e][i] : -x[e][i];
-      if (v >= bound) core::offer_extreme(merged.data(), per_end, static_cast<double>(v), x_row[e]);
+      if (v >= bound) core::offer_extreme(merged.data(), per_end, static_cast<double>(v), row_of(gi, e));
     }
     for (int64_t j = 0; j < per_end; ++j) {
       const size_t at = static_cast<size_t>(((gi * 2 + end) * per_end + j) * W + i);
@@ -1147,7 +1147,6 @@ struct LaneLists {
         }
       }
       const V* x = copies.get() + gi * stride;
-      const R* x_row = copy_rows.get() + gi * stride;
       for (int64_t e = 0; e < copied[gi]; ++e) {
         const V v[2] = {x[e], -x[e]};
         if (bitmask(v[0] >= kth[0] | v[1] >= kth[1]) == 0) continue;  // most copies of long channels
@@ -1166,7 +1165,7 @@ struct LaneLists {
           for (int64_t q = 0; q < per_lane; ++q) j += __builtin_popcount(bitmask(lane[q] > value));
           R* row = rows.data() + ((gi * 2 + end) * per_end) * W + i;
           while (row[j * W] != kFree) ++j;  // equal values of earlier rows
-          row[j * W] = x_row[e];
+          row[j * W] = row_of(gi, e);
           found[static_cast<size_t>(row - rows.data()) + j * W] = value;
         }
       }
