@@ -1461,15 +1461,15 @@ void reduce(const Layout& l, const Tile& t, const void* x, const void* g, const 
 template <typename T, typename Op, typename Ext>
 void reduce_parts(const Layout& l, const Parts& parts, const void* x, const double* mean, const Op& op,
                   const Ext& ext, double* out0, double* out1) {
+  const T* px = static_cast<const T*>(x);
+  const T* no_grad = nullptr;
   if (walk(l) == Walk::ChannelsInnermost) {  // (one call site per instantiation: GCC inlines it)
-    const T* none = nullptr;
-    reduce_channels_innermost(l, parts, static_cast<const T*>(x), none, mean, op, ext, out0, out1);
+    reduce_channels_innermost(l, parts, px, no_grad, mean, op, ext, out0, out1);
     return;
   }
   for (int64_t j = 0; j < parts.count; ++j) {
     double* part1 = out1 != nullptr ? out1 + j * l.C : nullptr;
-    reduce_channel_major(l, parts.tiles[j], static_cast<const T*>(x), static_cast<const T*>(nullptr), mean, op, ext,
-                         out0 + j * l.C, part1);
+    reduce_channel_major(l, parts.tiles[j], px, no_grad, mean, op, ext, out0 + j * l.C, part1);
   }
 }
 
