@@ -495,6 +495,24 @@ def test_top_deviations_of_lane_lists(isa, kind, k, dtype):
         assert torch.equal(index, reference_top_indices(x, k, 1)), (kind, rows, k)
 
 
+@pytest.mark.parametrize("k", [2, 3, 10])
+def test_top_deviations_where_x_minus_mean_rounds_together(isa, monkeypatch, k):
+    """Three values whose x - mean rounds to one double (3e-30, 2e-30, 1e-30 around a mean near
+    1, the largest in the earliest row) are ordered by value in core's lists, not by row (k = 2:
+    the smallest values' list keeps rows 5 and 3, not row 1). The fused forward, which can rank
+    |x - mean| itself, picks what the split schedule's lists give core."""
+    rows, channels = 256, 40
+    x = torch.where(torch.arange(rows).view(rows, 1) % 2 == 0, 0.5, 1.5).repeat(1, channels)
+    x[1, 5:], x[3, 5:], x[5, 5:] = 3e-30, 2e-30, 1e-30
+    picks = {}
+    for schedule in ("fused", "split"):
+        monkeypatch.setenv("LPNORM_CPU_SCHEDULE", schedule)
+        picks[schedule] = torch.ops.lpnorm.batch_norm_forward(
+            x, None, None, None, None, True, 0.1, 1e-5, "topk", k, 2.0, 1, "exact", "float")[4]
+    assert torch.equal(picks["fused"], picks["split"])
+    assert set(picks["fused"][5, :2].tolist()) <= {1, 3, 5}
+
+
 def test_top_deviations_with_nan(isa):
     """A NaN channel gives NaN statistics (and still valid indices); the other channels' picks
     stay exact."""

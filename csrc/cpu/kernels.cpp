@@ -101,6 +101,25 @@ LPNORM_INLINE uint32_t bitmask(VI64 m) {
 #endif
 }
 
+// bitmask((a >= b) & lanes) where the build has mask registers: the compare writes the
+// mask that a compress reads, without a trip through a vector and a general register.
+LPNORM_INLINE uint32_t at_least(VF a, VF b, uint32_t lanes) {
+#if defined(__AVX512F__)
+  return _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(lanes), reinterpret_cast<__m512>(a),
+                                 reinterpret_cast<__m512>(b), _CMP_GE_OQ);
+#else
+  return bitmask(a >= b) & lanes;
+#endif
+}
+LPNORM_INLINE uint32_t at_least(VD a, VD b, uint32_t lanes) {
+#if defined(__AVX512F__)
+  return _mm512_mask_cmp_pd_mask(static_cast<__mmask8>(lanes), reinterpret_cast<__m512d>(a),
+                                 reinterpret_cast<__m512d>(b), _CMP_GE_OQ);
+#else
+  return bitmask(a >= b) & lanes;
+#endif
+}
+
 // One broadcast: a - 0 is a for every value (-0 and NaN included). (A lane-by-lane loop
 // compiled to one masked broadcast per lane in some callers.)
 template <typename V, typename A>
@@ -789,6 +808,7 @@ struct LaneLists {
   std::vector<M> top_rows;     // [group][end], the rows of one-level lists
   std::vector<Candidate> merged;
   std::vector<R> kept_ids;  // [end][...]: select_rows' candidates, packed (copy * W + lane)
+  std::vector<uint32_t> picked_lanes;  // [group]: the lanes pick_from_copies picked
   std::vector<A> slot_values;  // [kSlots + 1][W]: one end's candidates by lane, then the spill
   std::vector<R> slot_rows;
   // Set before the last flush where the lists need only cover the k largest |x - mean|
@@ -828,6 +848,7 @@ struct LaneLists {
     copied.assign(static_cast<size_t>(groups), 0);
     inserted.assign(static_cast<size_t>(groups), 0);
     exact_means.clear();
+    picked_lanes.clear();
   }
   // The k largest |x - mean| need one network, not two, and fewer candidates than the two
   // ends' k largest values: a bound b on the k-th largest |x - mean| leaves the values at or
@@ -973,7 +994,9 @@ struct LaneLists {
   }
 
   // The rows of the lists: one-level lists kept them; longer ones are settled from the copies.
-  void find_rows(int tail) {
+  // Where the lists need only the largest |x - mean| (by_deviation), the lanes' picks go to
+  // picks ([lane][per_end], the walk's channel 0 first) instead, where that is exact.
+  void find_rows(int tail, core::Deviation* picks) {
     if (levels == 1) {
       rows.resize(static_cast<size_t>(groups * 2 * W));
       found.resize(rows.size());
@@ -987,7 +1010,7 @@ struct LaneLists {
     }
     with_levels([&](auto k) {
       if constexpr (decltype(k)::value > 0) {
-        select_rows<decltype(k)::value>(tail);
+        select_rows<decltype(k)::value>(tail, picks);
       } else {
         find_rows_exact(tail);
       }
@@ -999,7 +1022,7 @@ struct LaneLists {
   // the lanes of each copy mispredicted its exit on nearly every one), then dealt to per-lane
   // slots; each slot's place is counted against the other slots of its lane, all lanes at once.
   template <int K>
-  void select_rows(int tail) {
+  void select_rows(int tail, core::Deviation* picks) {
     const A lowest = -std::numeric_limits<A>::max();  // v >= it: v beats an unfilled -inf
     constexpr int S = kSlots;
     const int64_t ids_capacity = (stride + 1) * W;  // every lane of every copy, and a vector of room
@@ -1010,23 +1033,18 @@ struct LaneLists {
     slot_rows.resize(slot_values.size());
     M lane_index;
     for (int i = 0; i < W; ++i) lane_index[i] = i;
+    picked_lanes.assign(static_cast<size_t>(groups), 0);
     for (int64_t gi = 0; gi < groups; ++gi) {
       insert_copies(gi);
       const M valid = gi + 1 < groups ? ~M{} : lanes_below<A>(tail);
+      if (by_deviation() && picks != nullptr) {
+        pick_from_copies(gi, valid, picks + gi * W * per_end);
+        continue;
+      }
       V bound[2];
       for (int end = 0; end < 2; ++end) {
         const V last = values[(gi * 2 + end) * levels + levels - 1];
         bound[end] = last > lowest ? last : splat<V>(lowest);
-      }
-      if (by_deviation()) {
-        // b from the |x - mean| network, less a margin far above the rounding of |x - mean|
-        // and mean +- b in A (a few ulps of |b| + |mean|); the full lists where it is not finite.
-        const V mean = lane_means(gi), b = values[gi * 2 * levels + levels - 1];
-        const V margin = (vabs(b) + vabs(mean)) * A(1.0 / (1 << 19));
-        const auto finite = margin < std::numeric_limits<A>::infinity();  // NaN and -inf too
-        const V near = b - margin;
-        bound[0] = finite ? mean + near : splat<V>(lowest);
-        bound[1] = finite ? near - mean : splat<V>(lowest);  // -x >= bound: x <= mean - near
       }
       const V* x = copies.get() + gi * stride;
       const A* copy_value = reinterpret_cast<const A*>(x);  // lane `lane` of copy e at e * W + lane
@@ -1170,89 +1188,118 @@ struct LaneLists {
     }
   }
 
-  // Where the lists cover the k largest |x - mean| of whole channels (cover_deviations), the
-  // channels' picks, for all lanes at once, in core's order (|x - mean| in double descending,
-  // ties to the lower index): an entry's place is its place in its own list plus the entries
-  // of the other list before it (core's merge, which took 1/4 of the (256, 1024) topk forward
-  // one channel at a time). A lane whose lists core would not merge (an entry on the wrong side
-  // of the mean, NaN, equal |x - mean| out of index order) is left to core's pick. Returns the
-  // lanes picked.
-  template <typename Ext>
-  uint32_t pick_deviations(const Ext& ext, int64_t group, int64_t c0, int n) {
-    if (ext.picked == nullptr || !by_deviation()) return 0;
+  // Where the lists need only the k largest |x - mean| of whole channels (cover_deviations):
+  // group gi's picks straight from its copies, all lanes at once. The copies at or above the
+  // network's bound b on |x - mean|, less a margin far above the rounding of |x - mean| in A
+  // (a few ulps of |b| + |mean|), are dealt to per-lane slots in row order and ranked in core's
+  // order (|x - mean| in double descending, ties to the lower row). That is core's pick of the
+  // two ends' lists wherever an end's order (value descending, ties to the lower row) is the
+  // |x - mean| order; a lane where it may not be (below), with too many candidates or a bound
+  // that is not finite (NaN, inf) gets both ends' full lists instead (select_lane_exact), for
+  // core's pick.
+  // (One list instead of two ends' lists merged afterwards: (256, 1024) topk forward, 1 thread,
+  // 339-355 -> 277-281 us.)
+  void pick_from_copies(int64_t gi, M valid, core::Deviation* picks) {
+    constexpr int S = kSlots;
     constexpr int D = Simd<double>::W;
+    typedef A Lanes __attribute__((vector_size(D * sizeof(A))));  // D lanes, widened to double
+    typedef R LaneRows __attribute__((vector_size(D * sizeof(R))));
     const int64_t P = per_end;
-    uint32_t picked = 0;
-    for (int h = 0; h * D < n; ++h) {  // D lanes at a time, in double
-      const int lanes = std::min(D, n - h * D);
-      VD mean;
-      std::memcpy(&mean, exact_means.data() + group * W + h * D, sizeof mean);
-      VD key[2][kMaxLevels], value[2][kMaxLevels];
-      VI64 index[2][kMaxLevels], place[2][kMaxLevels];
-      VI64 bad{};
-      for (int end = 0; end < 2; ++end) {
-        const size_t at = static_cast<size_t>((group * 2 + end) * per_end);
-        for (int64_t j = 0; j < P; ++j) {
-          // D lanes of the found values and rows (float and int32 where A is float), widened.
-          typedef A Lanes __attribute__((vector_size(D * sizeof(A))));
-          typedef R LaneRows __attribute__((vector_size(D * sizeof(R))));
-          Lanes narrow;
-          LaneRows narrow_row;
-          std::memcpy(&narrow, found.data() + (at + j) * W + h * D, sizeof narrow);
-          std::memcpy(&narrow_row, rows.data() + (at + j) * W + h * D, sizeof narrow_row);
-          const VD v = __builtin_convertvector(narrow, VD);
-          const VI64 row = __builtin_convertvector(narrow_row, VI64);
-          const VI64 valid = row != static_cast<int64_t>(kFree);  // the lists fill from the front
-          value[end][j] = end == 0 ? v : -v;
-          const VD d = value[end][j] - mean;
-          bad |= valid & ~(end == 0 ? d >= 0 : d < 0);  // NaN too
-          key[end][j] = valid ? vabs(d) : splat<VD>(-1.0);
-          index[end][j] = valid ? row + base : splat<VI64>(core::kNoIndex);
-          if (j > 0) bad |= valid & (key[end][j] == key[end][j - 1]) & (index[end][j] < index[end][j - 1]);
-          place[end][j] = splat<VI64>(j);
-        }
+    const V mean = lane_means(gi), b = values[gi * 2 * levels + levels - 1];
+    const V margin = (vabs(b) + vabs(mean)) * A(1.0 / (1 << 19));
+    const uint32_t lanes = bitmask(valid);
+    const uint32_t finite = bitmask(margin < std::numeric_limits<A>::infinity()) & lanes;  // NaN and -inf not
+    const V near = b - margin;
+    const V* x = copies.get() + gi * stride;
+    const A* copy_value = reinterpret_cast<const A*>(x);  // lane `lane` of copy e at e * W + lane
+    R* kept = kept_ids.data();
+    int64_t kept_count = 0;
+    M id;
+    for (int i = 0; i < W; ++i) id[i] = static_cast<R>(i);
+    const M step = splat<M>(static_cast<R>(W));
+    for (int64_t e = 0, count = copied[gi]; e < count; ++e, id += step) {
+      kept_count += compress(id, at_least(vabs(x[e] - mean), near, finite), kept + kept_count);
+    }
+    int taken[W] = {};
+    for (int64_t q = 0; q < kept_count; ++q) {
+      const auto at_id = static_cast<size_t>(kept[q]);  // unsigned: / and % by W are shifts
+      const size_t lane = at_id % W;
+      const size_t at = static_cast<size_t>(std::min(taken[lane]++, S)) * W + lane;  // slot S: past capacity
+      slot_values[at] = copy_value[at_id];
+      slot_rows[at] = row_of(gi, static_cast<int64_t>(at_id / W));
+    }
+    uint32_t pickable = finite;
+    int most = 0;
+    for (int i = 0; i < W; ++i) {
+      if (taken[i] > S || taken[i] < P) pickable &= ~(1u << i);
+      most = std::max(most, std::min(taken[i], S));
+    }
+    for (int h = 0; h * D < W; ++h) {  // D lanes at a time, in double
+      VD lane_mean;
+      std::memcpy(&lane_mean, exact_means.data() + gi * W + h * D, sizeof lane_mean);
+      VI64 count;
+      for (int l = 0; l < D; ++l) count[l] = taken[h * D + l];
+      VD value[S], diff[S], key[S];
+      VI64 row[S], filled[S];
+      for (int s = 0; s < most; ++s) {
+        Lanes narrow;
+        LaneRows narrow_row;
+        std::memcpy(&narrow, slot_values.data() + s * W + h * D, sizeof narrow);
+        std::memcpy(&narrow_row, slot_rows.data() + s * W + h * D, sizeof narrow_row);
+        value[s] = __builtin_convertvector(narrow, VD);
+        row[s] = __builtin_convertvector(narrow_row, VI64) + base;
+        diff[s] = value[s] - lane_mean;
+        key[s] = vabs(diff[s]);
+        filled[s] = s < count;
       }
-      for (int64_t j = 0; j < P; ++j) {
-        for (int64_t i = 0; i < P; ++i) {
-          const VI64 up_first = (key[0][j] > key[1][i]) | ((key[0][j] == key[1][i]) & (index[0][j] < index[1][i]));
-          place[0][j] -= ~up_first;  // +1 where the other list's entry comes first
-          place[1][i] -= up_first;
-        }
-      }
-      // Places past the valid entries hold empty ones (index kNoIndex, core's end of the picks);
-      // places from P on go to one spare slot per lane (no branch on the place).
+      // A slot's place: the filled slots of its lane before it (larger key, or an equal key
+      // in an earlier row); places from P on go to one spare entry per lane. Equal keys are
+      // core's order too where they are equal values (an end's list orders them by row) or
+      // mean +- d; `collapsed`: two values whose x - mean rounds to one double (1e-30 and
+      // 2e-30 around a mean of 1), which core's lists would order by value.
+      VI64 collapsed{};
       core::Deviation staged[D][kMaxLevels + 1];
-      for (int end = 0; end < 2; ++end) {
-        for (int64_t j = 0; j < P; ++j) {
-          for (int l = 0; l < D; ++l) {
-            staged[l][std::min<int64_t>(place[end][j][l], P)] = {value[end][j][l], index[end][j][l], key[end][j][l]};
-          }
+      for (int s = 0; s < most; ++s) {
+        VI64 before{};
+        for (int t = 0; t < s; ++t) {
+          before -= key[t] >= key[s] & filled[t];
+          collapsed |= diff[t] == diff[s] & value[t] != value[s] & filled[t] & filled[s];
+        }
+        for (int t = s + 1; t < most; ++t) before -= key[t] > key[s] & filled[t];
+        for (int l = 0; l < D; ++l) {
+          if (filled[s][l] == 0) continue;
+          staged[l][std::min<int64_t>(before[l], P)] = {value[s][l], row[s][l], key[s][l]};
         }
       }
-      const uint32_t ok = ~bitmask(bad) & ((1u << lanes) - 1);
+      const uint32_t ok = (pickable >> (h * D)) & ~bitmask(collapsed) & ((1u << D) - 1);
       for (uint32_t bits = ok; bits != 0; bits &= bits - 1) {
         const int l = __builtin_ctz(bits);
-        std::copy(staged[l], staged[l] + P, ext.picked + (c0 + h * D + l) * P);
+        std::copy(staged[l], staged[l] + P, picks + (h * D + l) * P);
       }
-      picked |= ok << (h * D);
+      picked_lanes[gi] |= ok << (h * D);
     }
-    return picked;
+    const A lowest = -std::numeric_limits<A>::max();
+    for (uint32_t bits = lanes & ~picked_lanes[gi]; bits != 0; bits &= bits - 1) {
+      for (int end = 0; end < 2; ++end) select_lane_exact(gi, end, __builtin_ctz(bits), lowest);
+    }
   }
+  // The lanes of `group` that pick_from_copies picked.
+  uint32_t picked(int64_t group) const { return picked_lanes.empty() ? 0 : picked_lanes[group]; }
 
   // Hands lanes [0, n) of `group` (channels c0 ...) to the tile's Candidate lists. All of a
   // lane's entries go to one chunk's list, already in core's order (largest first, equal
   // values by row). A list still empty (the usual case: one flush per chunk and tile) takes
   // them as they are; one filled by an earlier flush of the chunk is merged with them in
   // O(k) (offering them one by one cost O(k^2), seconds for k ~ m ~ 10^4).
-  // Lanes whose largest |x - mean| pick_deviations picked are not handed over.
+  // Lanes whose largest |x - mean| pick_from_copies picked are not handed over.
   template <typename Ext>
   void flush(const Ext& ext, int64_t group, int64_t c0, int n) {
-    const uint32_t picked = pick_deviations(ext, group, c0, n);
+    const uint32_t picked_here = picked(group);
     merged.resize(static_cast<size_t>(per_end));
     for (int end = 0; end < 2; ++end) {
       const size_t at = static_cast<size_t>((group * 2 + end) * per_end);
       for (int i = 0; i < n; ++i) {
-        if ((picked >> i & 1) != 0) continue;
+        if ((picked_here >> i & 1) != 0) continue;
         auto entry = [&](int64_t j) {
           return Candidate{static_cast<double>(found[(at + j) * W + i]), base + rows[(at + j) * W + i]};
         };
@@ -1306,7 +1353,7 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
           t.row_end == l.count()) {
         lists.cover_deviations(t0.data(), channels, l.count());
       }
-      lists.find_rows(tail);
+      lists.find_rows(tail, ext.picked != nullptr ? ext.picked + t.c_begin * ext.per_end : nullptr);
       for (int64_t gi = 0; gi < groups; ++gi) {
         lists.flush(ext, gi, t.c_begin + gi * W, gi + 1 < groups ? W : tail);
       }
