@@ -851,10 +851,10 @@ struct LaneLists {
     picked_lanes.clear();
   }
   // The k largest |x - mean| need one network, not two, and fewer candidates than the two
-  // ends' k largest values: a bound b on the k-th largest |x - mean| leaves the values at or
-  // above mean + b and at or below mean - b, the first entries of each end's full list. Only
-  // where the rows of every copy since the last flush are the whole channel, before that flush,
-  // and the network keeps a bound (select_rows).
+  // ends' k largest values: a bound b on the k-th largest |x - mean| leaves the values with
+  // |x - mean| at or above b, ranked by pick_from_copies. Only where the rows of every copy
+  // since the last flush are the whole channel, before that flush, and the network keeps a
+  // bound (select_rows).
   void cover_deviations(const double* sums, int64_t channels, int64_t count) {
     if (!dense || levels <= 1 || levels > kMaxLevels || count <= 0) return;
     exact_means.assign(static_cast<size_t>(groups * W), 0.0);
