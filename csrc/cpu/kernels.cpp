@@ -101,25 +101,6 @@ LPNORM_INLINE uint32_t bitmask(VI64 m) {
 #endif
 }
 
-// bitmask((a >= b) & lanes) where the build has mask registers: the compare writes the
-// mask that a compress reads, without a trip through a vector and a general register.
-LPNORM_INLINE uint32_t at_least(VF a, VF b, uint32_t lanes) {
-#if defined(__AVX512F__)
-  return _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(lanes), reinterpret_cast<__m512>(a),
-                                 reinterpret_cast<__m512>(b), _CMP_GE_OQ);
-#else
-  return bitmask(a >= b) & lanes;
-#endif
-}
-LPNORM_INLINE uint32_t at_least(VD a, VD b, uint32_t lanes) {
-#if defined(__AVX512F__)
-  return _mm512_mask_cmp_pd_mask(static_cast<__mmask8>(lanes), reinterpret_cast<__m512d>(a),
-                                 reinterpret_cast<__m512d>(b), _CMP_GE_OQ);
-#else
-  return bitmask(a >= b) & lanes;
-#endif
-}
-
 // One broadcast: a - 0 is a for every value (-0 and NaN included). (A lane-by-lane loop
 // compiled to one masked broadcast per lane in some callers.)
 template <typename V, typename A>
@@ -794,6 +775,7 @@ struct LaneLists {
   // candidates than that, mostly ties, take an exact scalar selection).
   static constexpr int64_t kMaxCopyBlock = 4, kBlocksPerLevel = 6;
   static constexpr int kSlots = 32;
+  static constexpr A kLowest = -std::numeric_limits<A>::max();  // v >= it: v beats an unfilled -inf
   int64_t per_end = 0, levels = 0, base = 0, groups = 0, capacity = 0, stride = 0;
   int64_t copy_block = 1;  // copies per network entry
   bool dense = false;      // every vector is copied (see every_copy)
@@ -993,6 +975,27 @@ struct LaneLists {
     }
   }
 
+  // Lane i's index i, a vector: a copy's candidates are packed as ids copy * W + lane.
+  static M lane_ids() {
+    M id;
+    for (int i = 0; i < W; ++i) id[i] = static_cast<R>(i);
+    return id;
+  }
+  // Deals group gi's candidates kept[0, count) (ids copy * W + lane, in row order) to the
+  // per-lane slots, each value times `sign`: lane i's s-th candidate to slot s, slot kSlots
+  // taking every one past capacity. taken[i]: lane i's candidates.
+  LPNORM_INLINE void deal_to_slots(int64_t gi, const R* kept, int64_t count, A sign, int* taken) {
+    const A* copy_value = reinterpret_cast<const A*>(copies.get() + gi * stride);  // lane of copy e at e * W + lane
+    std::fill(taken, taken + W, 0);
+    for (int64_t q = 0; q < count; ++q) {
+      const auto id = static_cast<size_t>(kept[q]);  // unsigned: / and % by W are shifts
+      const size_t lane = id % W;
+      const size_t at = static_cast<size_t>(std::min(taken[lane]++, kSlots)) * W + lane;
+      slot_values[at] = sign * copy_value[id];
+      slot_rows[at] = row_of(gi, static_cast<int64_t>(id / W));
+    }
+  }
+
   // The rows of the lists: one-level lists kept them; longer ones are settled from the copies.
   // Where the lists need only the largest |x - mean| (by_deviation), the lanes' picks go to
   // picks ([lane][per_end], the walk's channel 0 first) instead, where that is exact.
@@ -1023,7 +1026,6 @@ struct LaneLists {
   // slots; each slot's place is counted against the other slots of its lane, all lanes at once.
   template <int K>
   void select_rows(int tail, core::Deviation* picks) {
-    const A lowest = -std::numeric_limits<A>::max();  // v >= it: v beats an unfilled -inf
     constexpr int S = kSlots;
     const int64_t ids_capacity = (stride + 1) * W;  // every lane of every copy, and a vector of room
     rows.assign(static_cast<size_t>(groups * 2 * per_end * W), kFree);
@@ -1031,8 +1033,6 @@ struct LaneLists {
     kept_ids.resize(static_cast<size_t>(2 * ids_capacity));
     slot_values.resize(static_cast<size_t>((S + 1) * W));
     slot_rows.resize(slot_values.size());
-    M lane_index;
-    for (int i = 0; i < W; ++i) lane_index[i] = i;
     picked_lanes.assign(static_cast<size_t>(groups), 0);
     for (int64_t gi = 0; gi < groups; ++gi) {
       insert_copies(gi);
@@ -1044,16 +1044,15 @@ struct LaneLists {
       V bound[2];
       for (int end = 0; end < 2; ++end) {
         const V last = values[(gi * 2 + end) * levels + levels - 1];
-        bound[end] = last > lowest ? last : splat<V>(lowest);
+        bound[end] = last > kLowest ? last : splat<V>(kLowest);
       }
       const V* x = copies.get() + gi * stride;
-      const A* copy_value = reinterpret_cast<const A*>(x);  // lane `lane` of copy e at e * W + lane
       R* kept[2] = {kept_ids.data(), kept_ids.data() + ids_capacity};
       int64_t kept_count[2] = {0, 0};
       // -x >= bound as x <= -bound; the lanes' mask as bits (one instruction per compare).
       const V upper = bound[0], lower = -bound[1];
       const uint32_t lanes = bitmask(valid);
-      M id = lane_index;
+      M id = lane_ids();
       const M step = splat<M>(static_cast<R>(W));
       for (int64_t e = 0, count = copied[gi]; e < count; ++e, id += step) {
         const V v = x[e];
@@ -1061,15 +1060,8 @@ struct LaneLists {
         kept_count[1] += compress(id, bitmask(v <= lower) & lanes, kept[1] + kept_count[1]);
       }
       for (int end = 0; end < 2; ++end) {
-        const A sign = end == 0 ? A(1) : A(-1);
-        int taken[W] = {};
-        for (int64_t q = 0; q < kept_count[end]; ++q) {
-          const auto id = static_cast<size_t>(kept[end][q]);  // unsigned: / and % by W are shifts
-          const size_t lane = id % W;
-          const size_t at = static_cast<size_t>(std::min(taken[lane]++, S)) * W + lane;  // slot S: past capacity
-          slot_values[at] = sign * copy_value[id];
-          slot_rows[at] = row_of(gi, static_cast<int64_t>(id / W));
-        }
+        int taken[W];
+        deal_to_slots(gi, kept[end], kept_count[end], end == 0 ? A(1) : A(-1), taken);
         M count, overflow;
         int most = 0;
         for (int i = 0; i < W; ++i) {
@@ -1140,7 +1132,6 @@ struct LaneLists {
   // Vectors are only read and written whole, the rows and found values only lane by lane: a
   // vector load of what a lane store just wrote waits for the store to retire.
   void find_rows_exact(int tail) {
-    const A lowest = -std::numeric_limits<A>::max();  // v >= it: v beats an unfilled -inf
     const int64_t per_lane = (per_end + W - 1) / W;  // vectors of a lane's values
     rows.assign(static_cast<size_t>(groups * 2 * per_end * W), kFree);
     found.resize(rows.size());
@@ -1153,12 +1144,12 @@ struct LaneLists {
       for (int end = 0; end < 2; ++end) {
         const V* list = values.data() + (gi * 2 + end) * levels + (levels - per_end);
         const V last = list[per_end - 1];
-        kth[end] = last > lowest ? last : splat<V>(lowest);
+        kth[end] = last > kLowest ? last : splat<V>(kLowest);
         ties_left[end] = M{};
         A* lane = reinterpret_cast<A*>(lane_values.data() + end * W * per_lane);
         std::fill(lane, lane + W * per_lane * W, -std::numeric_limits<A>::infinity());
         for (int64_t j = 0; j < per_end; ++j) {
-          ties_left[end] -= list[j] == last & last > lowest;
+          ties_left[end] -= list[j] == last & last > kLowest;
           for (int i = 0; i < W; ++i) lane[(i * per_lane) * W + j] = list[j][i];
         }
       }
@@ -1211,23 +1202,15 @@ struct LaneLists {
     const uint32_t finite = bitmask(margin < std::numeric_limits<A>::infinity()) & lanes;  // NaN and -inf not
     const V near = b - margin;
     const V* x = copies.get() + gi * stride;
-    const A* copy_value = reinterpret_cast<const A*>(x);  // lane `lane` of copy e at e * W + lane
     R* kept = kept_ids.data();
     int64_t kept_count = 0;
-    M id;
-    for (int i = 0; i < W; ++i) id[i] = static_cast<R>(i);
+    M id = lane_ids();
     const M step = splat<M>(static_cast<R>(W));
     for (int64_t e = 0, count = copied[gi]; e < count; ++e, id += step) {
-      kept_count += compress(id, at_least(vabs(x[e] - mean), near, finite), kept + kept_count);
+      kept_count += compress(id, bitmask(vabs(x[e] - mean) >= near) & finite, kept + kept_count);
     }
-    int taken[W] = {};
-    for (int64_t q = 0; q < kept_count; ++q) {
-      const auto at_id = static_cast<size_t>(kept[q]);  // unsigned: / and % by W are shifts
-      const size_t lane = at_id % W;
-      const size_t at = static_cast<size_t>(std::min(taken[lane]++, S)) * W + lane;  // slot S: past capacity
-      slot_values[at] = copy_value[at_id];
-      slot_rows[at] = row_of(gi, static_cast<int64_t>(at_id / W));
-    }
+    int taken[W];
+    deal_to_slots(gi, kept, kept_count, A(1), taken);
     uint32_t pickable = finite;
     int most = 0;
     for (int i = 0; i < W; ++i) {
@@ -1278,9 +1261,8 @@ struct LaneLists {
       }
       picked_lanes[gi] |= ok << (h * D);
     }
-    const A lowest = -std::numeric_limits<A>::max();
     for (uint32_t bits = lanes & ~picked_lanes[gi]; bits != 0; bits &= bits - 1) {
-      for (int end = 0; end < 2; ++end) select_lane_exact(gi, end, __builtin_ctz(bits), lowest);
+      for (int end = 0; end < 2; ++end) select_lane_exact(gi, end, __builtin_ctz(bits), kLowest);
     }
   }
   // The lanes of `group` that pick_from_copies picked.
