@@ -1240,8 +1240,7 @@ struct LaneLists {
       // core's order too where they are equal values (an end's list orders them by row) or
       // mean +- d; `collapsed`: two values whose x - mean rounds to one double (1e-30 and
       // 2e-30 around a mean of 1), which core's lists would order by value.
-      VI64 collapsed{};
-      core::Deviation staged[D][kMaxLevels + 1];
+      VI64 collapsed{}, place[S];
       for (int s = 0; s < most; ++s) {
         VI64 before{};
         for (int t = 0; t < s; ++t) {
@@ -1249,15 +1248,17 @@ struct LaneLists {
           collapsed |= diff[t] == diff[s] & value[t] != value[s] & filled[t] & filled[s];
         }
         for (int t = s + 1; t < most; ++t) before -= key[t] > key[s] & filled[t];
-        for (int l = 0; l < D; ++l) {
-          if (filled[s][l] == 0) continue;
-          staged[l][std::min<int64_t>(before[l], P)] = {value[s][l], row[s][l], key[s][l]};
-        }
+        place[s] = before;
       }
+      // Straight into picks, lane by lane: a staging copy read back whole waited on its
+      // scalar stores.
       const uint32_t ok = (pickable >> (h * D)) & ~bitmask(collapsed) & ((1u << D) - 1);
       for (uint32_t bits = ok; bits != 0; bits &= bits - 1) {
         const int l = __builtin_ctz(bits);
-        std::copy(staged[l], staged[l] + P, picks + (h * D + l) * P);
+        core::Deviation* out = picks + (h * D + l) * P;
+        for (int s = 0; s < count[l]; ++s) {
+          if (place[s][l] < P) out[place[s][l]] = {value[s][l], row[s][l], key[s][l]};
+        }
       }
       picked_lanes[gi] |= ok << (h * D);
     }
