@@ -1,0 +1,172 @@
+// The element-wise passes: out = op(x, g, four per-channel parameters), channel-major or
+// channels-innermost.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/isa/tile_walks.h"
+
+namespace lpnorm::cpu::LPNORM_ISA_NAMESPACE {
+namespace {
+
+struct AffineOp {  // (x - mean) * scale + bias: no cancellation when |mean| >> sigma
+  template <typename V>
+  LPNORM_INLINE V operator()(V x, V, const V* k) const {
+    return (x - k[0]) * k[1] + k[2];
+  }
+};
+
+template <PhiKind kPhi, typename A>
+struct GradApplyOp {  // scale_g * g + scale_phi * phi(x - mean) + offset
+  A power;
+  template <typename V>
+  LPNORM_INLINE V operator()(V x, V g, const V* k) const {
+    if constexpr (kPhi == PhiKind::None) {
+      return g * k[1] + k[3];
+    } else {
+      V q, phi;
+      deviation_terms<kPhi>(x - k[0], power, q, phi);
+      (void)q;
+      return g * k[1] + phi * k[2] + k[3];
+    }
+  }
+};
+
+// params(c, j): the j-th of the four per-channel parameters of channel c.
+template <typename T, typename Op, typename Params>
+void map_channel_major(const Layout& l, const Tile& t, const T* x, const T* g, T* out, const Params& params,
+                       const Op& op, bool stream) {
+  using A = AccOf<T>;
+  using V = VecOf<T>;
+  constexpr int W = kLanes<T>;
+  // A tile of several channels goes plane by plane in memory order (n outer, then c, as NCHW
+  // lies); one channel's planes are C planes apart, and short ones wait on memory one by one
+  // ((128,256,14,14) float32 evaluation: 2.7x torch channel by channel).
+  const bool memory_order = t.c_end - t.c_begin > 1 && l.S > 1 && t.row_end - t.row_begin > l.S;
+  auto channel_rows = [&](int64_t c, int64_t row_begin, int64_t row_end) {
+    V k[4];
+    for (int j = 0; j < 4; ++j) k[j] = splat<V>(static_cast<A>(params(c, j)));
+    for_each_run(l, c, row_begin, row_end, kNoSplit, [&](int64_t offset, int64_t stride, int64_t length, int64_t) {
+      const T* px = x + offset;
+      const T* pg = g != nullptr ? g + offset : nullptr;
+      T* po = out + offset;
+      if (!memory_order) {
+        prefetch_next_plane(l, px, stride, length);
+        if (pg != nullptr) prefetch_next_plane(l, pg, stride, length);
+        prefetch_next_plane<true>(l, po, stride, length);
+      }
+      // Elements [begin, end) of the run: whole vectors (streamed or not), then a partial one.
+      // Inlined by force: with three callers GCC kept it out of line once this file grew, and
+      // (64,32,32,32) bfloat16 l2 fwd+bwd at 2 threads went from 0.82 to 1.04-1.30x torch.
+      auto span = [&](auto streamed, int64_t begin, int64_t end) __attribute__((always_inline)) {
+        int64_t i = begin;
+        for (; i + W <= end; i += W) {
+          const V gv = pg != nullptr ? load_run(pg + i * stride, stride, W) : V{};
+          const V v = op(load_run(px + i * stride, stride, W), gv, k);
+          if constexpr (decltype(streamed)::value) {
+            store_vector(po + i, v, true);
+          } else {
+            store_run(po + i * stride, stride, W, v);
+          }
+        }
+        if (i < end) {
+          const int n = static_cast<int>(end - i);
+          const V gv = pg != nullptr ? load_run(pg + i * stride, stride, n) : V{};
+          store_run(po + i * stride, stride, n, op(load_run(px + i * stride, stride, n), gv, k));
+        }
+      };
+      // Stream whole cache lines of long contiguous runs only: a line written partly by
+      // streaming stores and partly by ordinary ones (short planes, run ends) costs more
+      // than it saves (measured: (128,256,14,14) bfloat16 forward 1.3 -> 2.3x torch).
+      const auto address = reinterpret_cast<uintptr_t>(po);
+      if (stream && stride == 1 && length * static_cast<int64_t>(sizeof(T)) >= kStreamRunBytes &&
+          address % sizeof(T) == 0) {
+        const int64_t head = static_cast<int64_t>((kLineBytes - address % kLineBytes) % kLineBytes / sizeof(T));
+        const int64_t body_end = head + (length - head) / W * W;
+        span(std::false_type{}, 0, head);
+        span(std::true_type{}, head, body_end);
+        span(std::false_type{}, body_end, length);
+      } else {
+        span(std::false_type{}, 0, length);
+      }
+    });
+  };
+  if (memory_order) {
+    for (int64_t r = t.row_begin; r < t.row_end;) {
+      const int64_t next = std::min(t.row_end, (r / l.S + 1) * l.S);
+      for (int64_t c = t.c_begin; c < t.c_end; ++c) channel_rows(c, r, next);
+      r = next;
+    }
+  } else {
+    for (int64_t c = t.c_begin; c < t.c_end; ++c) channel_rows(c, t.row_begin, t.row_end);
+  }
+  stream_fence(stream);
+}
+
+template <typename T, typename Op, typename Params>
+void map_channels_innermost(const Layout& l, const Tile& t, const T* x, const T* g, T* out, const Params& params,
+                            const Op& op, bool stream) {
+  using A = AccOf<T>;
+  using V = VecOf<T>;
+  constexpr int W = kLanes<T>;
+  const int64_t channels = t.c_end - t.c_begin;
+  const int64_t groups = (channels + W - 1) / W;
+  const int tail = static_cast<int>(channels - (groups - 1) * W);
+  // Streaming only where every row writes whole cache lines (see map_channel_major).
+  const auto line_multiple = [](int64_t elements) { return elements * sizeof(T) % kLineBytes == 0; };
+  stream = stream && line_multiple(channels) && (l.S == 1 || line_multiple(l.stride_s)) &&
+           (l.N == 1 || line_multiple(l.stride_n));
+  std::vector<V> k(static_cast<size_t>(groups * 4));  // [group][parameter], lanes = channels
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int j = 0; j < 4; ++j) k[(c / W) * 4 + j][c % W] = static_cast<A>(params(t.c_begin + c, j));
+  }
+  // The row at `offset`, vector gi of channels.
+  auto map_vector = [&](int64_t offset, int64_t gi, const V* kv) {
+    const int64_t at = offset + t.c_begin + gi * W;
+    if (gi + 1 < groups || tail == W) {
+      const V gv = g != nullptr ? Io<T>::load(g + at) : V{};
+      store_vector(out + at, op(Io<T>::load(x + at), gv, kv), stream);
+    } else {
+      const V gv = g != nullptr ? load_run(g + at, 1, tail) : V{};
+      store_run(out + at, 1, tail, op(load_run(x + at, 1, tail), gv, kv));
+    }
+  };
+  if (walks_row_by_row<T>(l, groups, 4, 8 << 10)) {  // four parameters per vector, at most 8 KiB
+    // Wide rows of a tensor far bigger than the caches in memory order, the parameters loaded
+    // from L1 for every vector: the steps below took 2.1-2.4x a copy of (32, C, H, W)
+    // channels-last float32 (~25 MB) at C = 128-512, this 1.0-1.7x. (Blocks of rows a few
+    // vectors at a time, their parameters in registers: 2.4-2.7x. At C = 1024, 16 KiB of
+    // parameters, the steps win: 1.0-1.2x against 1.6-1.8x; within the caches, (256, 1024),
+    // by 5-10%.)
+    for_each_row(l, t.row_begin, t.row_end, [&](int64_t, int64_t offset) {
+      for (int64_t gi = 0; gi < groups; ++gi) map_vector(offset, gi, k.data() + gi * 4);
+    });
+  } else {
+    for_each_row_step(l, t.row_begin, t.row_end, kNoSplit, [&](int64_t, const int64_t* offsets, int rows) {
+      with_step_rows(rows, [&](auto count) {
+        for (int64_t gi = 0; gi < groups; ++gi) {
+          const V kv[4] = {k[gi * 4], k[gi * 4 + 1], k[gi * 4 + 2], k[gi * 4 + 3]};  // in registers for the step
+          for (int q = 0; q < count; ++q) map_vector(offsets[q], gi, kv);
+        }
+      });
+    });
+  }
+  stream_fence(stream);
+}
+
+template <typename T, typename Op, typename Params>
+void map(const Layout& l, const Tile& t, const void* x, const void* g, void* out, const Params& params,
+         const Op& op, bool stream) {
+  if (t.c_end <= t.c_begin || t.row_end <= t.row_begin) return;
+  const T* px = static_cast<const T*>(x);
+  const T* pg = static_cast<const T*>(g);
+  T* po = static_cast<T*>(out);
+  if (walk(l) == Walk::ChannelsInnermost) {
+    map_channels_innermost(l, t, px, pg, po, params, op, stream);
+  } else {
+    map_channel_major(l, t, px, pg, po, params, op, stream);
+  }
+}
+
+}  // namespace
+}  // namespace lpnorm::cpu::LPNORM_ISA_NAMESPACE

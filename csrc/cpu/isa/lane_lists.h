@@ -1,0 +1,588 @@
+// Top-k lists of a channels-innermost walk, one per vector lane: the stats pass's extreme
+// values (and, for the dense top-k forward, its k largest |x - mean|) with their rows.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/isa/tile_walks.h"
+
+namespace lpnorm::cpu::LPNORM_ISA_NAMESPACE {
+namespace {
+
+// Extreme lists of a channels-innermost walk, one per vector lane (= channel), where a third
+// of the elements may enter them (m = 256, k = 10): tracking rows in the lists cost a compare,
+// four blends and a taken-or-not branch per level and made top-k 9x slower than l2 there.
+//
+// So the walk copies each vector that beats either end's running bound (a vector may be
+// copied needlessly but never missed) into its group's buffer, and the lists are settled from
+// the copies when they flush. The bound is kept by a branch-free network over all lanes,
+// new[j] = max(old[j], min(old[j-1], x)), levels sorted largest first (the smallest values as
+// -x, core's convention), in registers where k is small (compile-time level counts, the
+// unused top levels +inf, which pass x through unchanged).
+//
+// Where k is small, the network takes the maximum of each block of a few copies, not every
+// copy: its k-th value is then the k-th largest block maximum, a lower bound of the
+// k-th largest copy (k blocks hold a value at or above it, all of earlier rows, so an element
+// at or below it never enters: ties go to the lowest index, as core::offer_extreme). The
+// flush puts each copy's lanes at or above the bound into per-lane slots, in row order
+// (select_rows), and ranks the slots of all lanes at once. Where k is large the network takes
+// every copy, so its k-th value is exact, and the flush places each row by counting the
+// lane's values above it (find_rows_exact). The copies are sequential and in cache; the rows
+// themselves may be 4 KiB apart ((N, C)) and evict each other from L1.
+template <typename A>
+struct LaneLists {
+  using V = typename Simd<A>::V;
+  using M = typename Simd<A>::Mask;
+  using R = std::remove_reference_t<decltype(M{}[0])>;  // rows relative to `base`
+  static constexpr int W = Simd<A>::W;
+  static constexpr R kFree = -1;
+  static constexpr int64_t kMaxSpan = int64_t{1} << 30;  // flushed before relative rows overflow
+  // Copies per group before an early flush (which only costs a refill: lists of row ranges
+  // merge exactly). A batch through the network is a few copies per level: the filter's
+  // k-th values lag by a batch, and short lists (linf: one level) catch up fast.
+  static constexpr int64_t kMaxCopies = 2048, kBatchPerLevel = 4;
+  static constexpr int kMaxLevels = 16;  // in registers up to here, in memory above
+  // Copies per network entry, at most, where the levels are in registers: a span of m rows
+  // takes blocks of 4 where m / 4 >= kBlocksPerLevel * k, of 2 or 1 where it is shorter (the
+  // k-th largest of too few block maxima is a loose bound: m = 64, k = 10, blocks of 4 leave
+  // 13 candidates on average against 10). Slots per lane and end the flush ranks (more
+  // candidates than that, mostly ties, take an exact scalar selection).
+  static constexpr int64_t kMaxCopyBlock = 4, kBlocksPerLevel = 6;
+  static constexpr int kSlots = 32;
+  static constexpr A kLowest = -std::numeric_limits<A>::max();  // v >= it: v beats an unfilled -inf
+  int64_t per_end = 0, levels = 0, base = 0, groups = 0, capacity = 0, stride = 0;
+  int64_t copy_block = 1;  // copies per network entry
+  bool dense = false;      // every vector is copied (see every_copy)
+  bool full = false;
+  std::vector<V> values;  // [group][end][levels], sorted largest first, the top levels - per_end +inf
+  std::unique_ptr<V[]> copies;   // [group][stride]
+  std::unique_ptr<R[]> copy_rows;  // the copies' rows, relative to `base` (not where dense: row_of)
+  std::vector<int64_t> copied, inserted;  // per group
+  std::vector<R> rows;  // [group][end][per_end][W], after find_rows, with the values found
+  std::vector<A> found;
+  std::vector<V> lane_values;  // [end][lane][vectors]: one group's lists, lane by lane
+  std::vector<M> top_rows;     // [group][end], the rows of one-level lists
+  std::vector<Candidate> merged;
+  std::vector<R> kept_ids;  // [end][...]: select_rows' candidates, packed (copy * W + lane)
+  std::vector<uint32_t> picked_lanes;  // [group]: the lanes pick_from_copies picked
+  std::vector<A> slot_values;  // [kSlots + 1][W]: one end's candidates by lane, then the spill
+  std::vector<R> slot_rows;
+  // Set before the last flush where the lists need only cover the k largest |x - mean|
+  // (StatsArgs::picked): the channels' means as core has them, [group][W].
+  std::vector<double> exact_means;
+
+  static int64_t levels_for(int64_t k) { return k == 1 ? 1 : k <= kMaxLevels ? (k + 1) / 2 * 2 : k; }
+  // For a walk of `rows` rows, `group_count` vectors of channels wide.
+  void start(int64_t group_count, int64_t k, int64_t rows, int64_t first_row) {
+    groups = group_count;
+    per_end = k;
+    levels = levels_for(k);
+    dense = rows <= kMaxCopies;
+    if (levels > 1) {  // one level keeps its rows, no copies
+      // A block of rows may run past the capacity before the walk looks at `full`.
+      capacity = std::max<int64_t>(1, std::min(kMaxCopies, rows));
+      stride = capacity + kBlockRows - 1;
+      copies.reset(new V[static_cast<size_t>(groups * stride)]);
+      if (!dense) copy_rows.reset(new R[static_cast<size_t>(groups * stride)]);
+      copy_block = 1;
+      while (levels <= kMaxLevels && copy_block < kMaxCopyBlock && rows >= 2 * copy_block * kBlocksPerLevel * k) {
+        copy_block *= 2;
+      }
+    }
+    values.resize(static_cast<size_t>(groups * 2 * levels));
+    top_rows.resize(static_cast<size_t>(groups * 2));
+    reset(first_row);
+  }
+  void reset(int64_t first_row) {
+    base = first_row;
+    full = false;
+    for (int64_t l = 0; l < groups * 2; ++l) {
+      for (int64_t j = 0; j < levels; ++j) {
+        values[l * levels + j] = splat<V>((j < levels - per_end ? 1 : -1) * std::numeric_limits<A>::infinity());
+      }
+    }
+    copied.assign(static_cast<size_t>(groups), 0);
+    inserted.assign(static_cast<size_t>(groups), 0);
+    exact_means.clear();
+    picked_lanes.clear();
+  }
+  // The k largest |x - mean| need one network, not two, and fewer candidates than the two
+  // ends' k largest values: a bound b on the k-th largest |x - mean| leaves the values with
+  // |x - mean| at or above b, ranked by pick_from_copies. Only where the rows of every copy
+  // since the last flush are the whole channel, before that flush, and the network keeps a
+  // bound (select_rows).
+  void cover_deviations(const double* sums, int64_t channels, int64_t count) {
+    if (!dense || levels <= 1 || levels > kMaxLevels || count <= 0) return;
+    exact_means.assign(static_cast<size_t>(groups * W), 0.0);
+    for (int64_t c = 0; c < channels; ++c) exact_means[c] = sums[c] / static_cast<double>(count);  // core::channel_mean
+  }
+  bool by_deviation() const { return !exact_means.empty(); }
+  // The means of `group` in the accumulation type.
+  V lane_means(int64_t group) const {
+    V mean;
+    for (int i = 0; i < W; ++i) mean[i] = static_cast<A>(exact_means[group * W + i]);
+    return mean;
+  }
+
+  // One-level lists (linf, range) keep their rows as cheaply as a copy: the walk holds a
+  // group's two ends in registers for a block of rows (`Top`), and each row takes a compare and
+  // two blends per end, no branch ((256, 1024) linf stats pass: a branch per row on whether
+  // any lane beats mispredicted on a third of the rows).
+  struct Top {
+    V value[2];
+    M row[2];
+  };
+  LPNORM_INLINE Top top(int64_t group) const {
+    return {{values[group * 2], values[group * 2 + 1]}, {top_rows[group * 2], top_rows[group * 2 + 1]}};
+  }
+  LPNORM_INLINE void keep(int64_t group, const Top& t) {
+    for (int end = 0; end < 2; ++end) {
+      values[group * 2 + end] = t.value[end];
+      top_rows[group * 2 + end] = t.row[end];
+    }
+  }
+  LPNORM_INLINE void offer_top(Top& t, V x, int64_t r) const {
+    const M row = splat<M>(static_cast<R>(r - base));
+    for (int end = 0; end < 2; ++end) {
+      const V v = end == 0 ? x : -x;
+      const M beats = v > t.value[end];  // NaN never; an equal value of a later row never
+      t.value[end] = beats ? v : t.value[end];
+      t.row[end] = beats ? row : t.row[end];
+    }
+  }
+
+  // The k-th values of `group`'s two ends, which a vector must beat to be copied: the walk
+  // keeps them in registers and asks again after each copy (an insert may have raised them).
+  struct Bounds {
+    V up, down;
+    // One test for both ends: after the first rows most vectors beat neither k-th value.
+    LPNORM_INLINE bool beaten_by(V x) const { return bitmask((x > up) | (-x > down)) != 0; }
+  };
+  LPNORM_INLINE Bounds bounds(int64_t group) const {
+    const V* up = values.data() + group * 2 * levels;
+    return {up[levels - 1], up[2 * levels - 1]};
+  }
+  // x (row r) into `group`'s copies, where it beats bounds(group).
+  LPNORM_INLINE void copy(int64_t group, V x, int64_t r) {
+    int64_t& n = copied[group];
+    copies[group * stride + n] = x;
+    copy_rows[group * stride + n] = static_cast<R>(r - base);
+    ++n;
+    if (n - inserted[group] == kBatchPerLevel * levels) insert_copies(group);
+    full |= n >= capacity;
+  }
+  // Spans of at most kMaxCopies rows (m = 256, k = 10: 3 in 4 vectors beat the bound) copy
+  // every vector, without a test, a chunk's vectors one at a time over the block's rows
+  // ((256, 1024) topk forward 10% faster: the test and the lists' state in memory, row by row,
+  // cost more than the network saved). Long spans keep the test (NHWC (32,64,56,56): their
+  // stats pass was 10-20% slower storing every vector). every_copy: where row r of `group`
+  // goes (copy r - base, so its row needs no record: row_of).
+  LPNORM_INLINE V* every_copy(int64_t group, int64_t r) { return copies.get() + group * stride + (r - base); }
+  LPNORM_INLINE void copied_every(int64_t group, int64_t r_end) { copied[group] = r_end - base; }
+  // The row (relative to base) of copy e of `group`.
+  LPNORM_INLINE R row_of(int64_t group, int64_t e) const {
+    return dense ? static_cast<R>(e) : copy_rows[group * stride + e];
+  }
+
+  // The copies of `group` not yet in its lists go through the network.
+  void insert_copies(int64_t group) {
+    with_levels([&](auto k) { insert_copies<decltype(k)::value>(group); });
+  }
+  template <int K>
+  void insert_copies(int64_t group) {
+    const V* x = copies.get() + group * stride;
+    const int64_t block = K > 0 ? copy_block : 1;  // see the comment above LaneLists
+    const bool deviations = by_deviation();  // one network, of |x - mean|
+    const V mean = deviations ? lane_means(group) : V{};
+    for (int end = 0; end < (deviations ? 1 : 2); ++end) {
+      V* value = values.data() + (group * 2 + end) * levels;
+      const A sign = end == 0 ? A(1) : A(-1);
+      auto entry = [&](int64_t e) { return deviations ? vabs(x[e] - mean) : x[e] * sign; };
+      // The block's maximum, NaN skipped (it never enters the lists).
+      auto block_max = [&](int64_t e) {
+        V m = entry(e);
+        for (int64_t b = 1; b < block && e + b < copied[group]; ++b) {
+          const V v = entry(e + b);
+          m = v > m ? v : m;
+          m = m == m ? m : v;
+        }
+        return m;
+      };
+      if constexpr (K > 0) {
+        V level[K];
+        for (int j = 0; j < K; ++j) level[j] = value[j];
+        for (int64_t e = inserted[group]; e < copied[group]; e += block) insert<K>(level, K, block_max(e));
+        for (int j = 0; j < K; ++j) value[j] = level[j];
+      } else {
+        for (int64_t e = inserted[group]; e < copied[group]; ++e) insert<K>(value, levels, x[e] * sign);
+      }
+    }
+    inserted[group] = copied[group];
+  }
+  // Every level from the old list: no chain from level to level, no branch.
+  template <int K>
+  static LPNORM_INLINE void insert(V* value, int64_t count, V x) {
+    V above = value[0];
+    value[0] = x > above ? x : above;  // NaN never enters
+#pragma GCC unroll 16
+    for (int64_t j = 1; j < (K > 0 ? K : count); ++j) {
+      const V old = value[j];
+      const V down = above < x ? above : x;  // min(old[j-1], x), NaN when x is
+      value[j] = down > old ? down : old;
+      above = old;
+    }
+  }
+  // fn(std::integral_constant<int, levels>), or with 0 where the levels stay in memory
+  // (one level never gets here: it keeps its rows).
+  template <typename Fn>
+  void with_levels(Fn&& fn) const {
+    switch (levels) {
+      case 2: return fn(std::integral_constant<int, 2>{});
+      case 4: return fn(std::integral_constant<int, 4>{});
+      case 6: return fn(std::integral_constant<int, 6>{});
+      case 8: return fn(std::integral_constant<int, 8>{});
+      case 10: return fn(std::integral_constant<int, 10>{});
+      case 12: return fn(std::integral_constant<int, 12>{});
+      case 14: return fn(std::integral_constant<int, 14>{});
+      case 16: return fn(std::integral_constant<int, 16>{});
+      default: return fn(std::integral_constant<int, 0>{});
+    }
+  }
+
+  // Lane i's index i, a vector: a copy's candidates are packed as ids copy * W + lane.
+  static M lane_ids() {
+    M id;
+    for (int i = 0; i < W; ++i) id[i] = static_cast<R>(i);
+    return id;
+  }
+  // Deals group gi's candidates kept[0, count) (ids copy * W + lane, in row order) to the
+  // per-lane slots, each value times `sign`: lane i's s-th candidate to slot s, slot kSlots
+  // taking every one past capacity. taken[i]: lane i's candidates.
+  LPNORM_INLINE void deal_to_slots(int64_t gi, const R* kept, int64_t count, A sign, int* taken) {
+    const A* copy_value = reinterpret_cast<const A*>(copies.get() + gi * stride);  // lane of copy e at e * W + lane
+    std::fill(taken, taken + W, 0);
+    for (int64_t q = 0; q < count; ++q) {
+      const auto id = static_cast<size_t>(kept[q]);  // unsigned: / and % by W are shifts
+      const size_t lane = id % W;
+      const size_t at = static_cast<size_t>(std::min(taken[lane]++, kSlots)) * W + lane;
+      slot_values[at] = sign * copy_value[id];
+      slot_rows[at] = row_of(gi, static_cast<int64_t>(id / W));
+    }
+  }
+
+  // The rows of the lists: one-level lists kept them; longer ones are settled from the copies.
+  // Where the lists need only the largest |x - mean| (by_deviation), the lanes' picks go to
+  // picks ([lane][per_end], the walk's channel 0 first) instead, where that is exact.
+  void find_rows(int tail, core::Deviation* picks) {
+    if (levels == 1) {
+      rows.resize(static_cast<size_t>(groups * 2 * W));
+      found.resize(rows.size());
+      for (size_t l = 0; l < static_cast<size_t>(groups * 2); ++l) {
+        for (int i = 0; i < W; ++i) {
+          rows[l * W + i] = values[l][i] > -std::numeric_limits<A>::infinity() ? top_rows[l][i] : kFree;
+          found[l * W + i] = values[l][i];
+        }
+      }
+      return;
+    }
+    with_levels([&](auto k) {
+      if constexpr (decltype(k)::value > 0) {
+        select_rows<decltype(k)::value>(tail, picks);
+      } else {
+        find_rows_exact(tail);
+      }
+    });
+  }
+
+  // The lists from the copies where the network kept a bound: each end's lanes at or above
+  // its bound are packed, in row order, into one list of ids per end (branch-free: a loop over
+  // the lanes of each copy mispredicted its exit on nearly every one), then dealt to per-lane
+  // slots; each slot's place is counted against the other slots of its lane, all lanes at once.
+  template <int K>
+  void select_rows(int tail, core::Deviation* picks) {
+    constexpr int S = kSlots;
+    const int64_t ids_capacity = (stride + 1) * W;  // every lane of every copy, and a vector of room
+    rows.assign(static_cast<size_t>(groups * 2 * per_end * W), kFree);
+    found.resize(rows.size());
+    kept_ids.resize(static_cast<size_t>(2 * ids_capacity));
+    slot_values.resize(static_cast<size_t>((S + 1) * W));
+    slot_rows.resize(slot_values.size());
+    picked_lanes.assign(static_cast<size_t>(groups), 0);
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      insert_copies(gi);
+      const M valid = gi + 1 < groups ? ~M{} : lanes_below<A>(tail);
+      if (by_deviation() && picks != nullptr) {
+        pick_from_copies(gi, valid, picks + gi * W * per_end);
+        continue;
+      }
+      V bound[2];
+      for (int end = 0; end < 2; ++end) {
+        const V last = values[(gi * 2 + end) * levels + levels - 1];
+        bound[end] = last > kLowest ? last : splat<V>(kLowest);
+      }
+      const V* x = copies.get() + gi * stride;
+      R* kept[2] = {kept_ids.data(), kept_ids.data() + ids_capacity};
+      int64_t kept_count[2] = {0, 0};
+      // -x >= bound as x <= -bound; the lanes' mask as bits (one instruction per compare).
+      const V upper = bound[0], lower = -bound[1];
+      const uint32_t lanes = bitmask(valid);
+      M id = lane_ids();
+      const M step = splat<M>(static_cast<R>(W));
+      for (int64_t e = 0, count = copied[gi]; e < count; ++e, id += step) {
+        const V v = x[e];
+        kept_count[0] += compress(id, bitmask(v >= upper) & lanes, kept[0] + kept_count[0]);
+        kept_count[1] += compress(id, bitmask(v <= lower) & lanes, kept[1] + kept_count[1]);
+      }
+      for (int end = 0; end < 2; ++end) {
+        int taken[W];
+        deal_to_slots(gi, kept[end], kept_count[end], end == 0 ? A(1) : A(-1), taken);
+        M count, overflow;
+        int most = 0;
+        for (int i = 0; i < W; ++i) {
+          count[i] = static_cast<R>(std::min(taken[i], S));
+          overflow[i] = taken[i] > S ? -1 : 0;
+          most = std::max(most, static_cast<int>(count[i]));
+        }
+        V value[S];
+        M row[S], place[S];
+        for (int s = 0; s < most; ++s) {
+          std::memcpy(&value[s], slot_values.data() + s * W, sizeof(V));
+          std::memcpy(&row[s], slot_rows.data() + s * W, sizeof(M));
+        }
+        // A slot's place: the slots of its lane before it in (value descending, row ascending);
+        // -1 for an empty slot and a lane that overflowed.
+        M filled[S];
+        for (int s = 0; s < most; ++s) filled[s] = (s < count) & ~overflow;
+        for (int s = 0; s < most; ++s) {
+          M before{};
+          for (int t = 0; t < s; ++t) before -= value[t] >= value[s] & filled[t];
+          for (int t = s + 1; t < most; ++t) before -= value[t] > value[s] & filled[t];
+          place[s] = filled[s] ? before : splat<M>(-1);
+        }
+        R* out_row = rows.data() + (gi * 2 + end) * per_end * W;
+        A* out_value = found.data() + (gi * 2 + end) * per_end * W;
+        for (int64_t j = 0; j < per_end; ++j) {
+          M r = splat<M>(kFree);
+          V f{};
+          for (int s = 0; s < most; ++s) {
+            const M take = place[s] == static_cast<R>(j);
+            r = take ? row[s] : r;
+            f = take ? value[s] : f;
+          }
+          std::memcpy(out_row + j * W, &r, sizeof r);
+          std::memcpy(out_value + j * W, &f, sizeof f);
+        }
+        for (int i = 0; i < W; ++i) {
+          if (overflow[i] != 0) select_lane_exact(gi, end, i, bound[end][i]);
+        }
+      }
+    }
+  }
+
+  // Lane i of `end` of group gi from its copies, one by one: where more than kSlots values
+  // reach the bound (ties, mostly: a constant channel).
+  void select_lane_exact(int64_t gi, int end, int i, A bound) {
+    merged.assign(static_cast<size_t>(per_end), Candidate{});
+    core::reset_extremes(merged.data(), per_end);
+    const V* x = copies.get() + gi * stride;
+    for (int64_t e = 0; e < copied[gi]; ++e) {
+      const A v = end == 0 ? x[e][i] : -x[e][i];
+      if (v >= bound) core::offer_extreme(merged.data(), per_end, static_cast<double>(v), row_of(gi, e));
+    }
+    for (int64_t j = 0; j < per_end; ++j) {
+      const size_t at = static_cast<size_t>(((gi * 2 + end) * per_end + j) * W + i);
+      const bool filled = merged[j].index != core::kNoIndex;
+      rows[at] = filled ? static_cast<R>(merged[j].index) : kFree;
+      found[at] = static_cast<A>(merged[j].value);
+    }
+  }
+
+  // Where the network kept every copy (k > kMaxLevels), so its k-th values are exact. Rows of
+  // the final values, from the copies in row order: lane i goes to the first free slot
+  // of its value (the slots past those of larger values), a value equal to the k-th only while
+  // such slots are left; it brings its own bits (the network may swap -0 and +0). The slot is
+  // counted against the lane's own values, gathered into whole vectors (`lane_values`), so a
+  // copy without hits costs two compares; both ends share one pass and one branch per copy.
+  // Vectors are only read and written whole, the rows and found values only lane by lane: a
+  // vector load of what a lane store just wrote waits for the store to retire.
+  void find_rows_exact(int tail) {
+    const int64_t per_lane = (per_end + W - 1) / W;  // vectors of a lane's values
+    rows.assign(static_cast<size_t>(groups * 2 * per_end * W), kFree);
+    found.resize(rows.size());
+    lane_values.resize(static_cast<size_t>(2 * W * per_lane));
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      insert_copies(gi);
+      const M valid = gi + 1 < groups ? ~M{} : lanes_below<A>(tail);
+      V kth[2];
+      M ties_left[2];  // slots of values equal to the k-th, still free
+      for (int end = 0; end < 2; ++end) {
+        const V* list = values.data() + (gi * 2 + end) * levels + (levels - per_end);
+        const V last = list[per_end - 1];
+        kth[end] = last > kLowest ? last : splat<V>(kLowest);
+        ties_left[end] = M{};
+        A* lane = reinterpret_cast<A*>(lane_values.data() + end * W * per_lane);
+        std::fill(lane, lane + W * per_lane * W, -std::numeric_limits<A>::infinity());
+        for (int64_t j = 0; j < per_end; ++j) {
+          ties_left[end] -= list[j] == last & last > kLowest;
+          for (int i = 0; i < W; ++i) lane[(i * per_lane) * W + j] = list[j][i];
+        }
+      }
+      const V* x = copies.get() + gi * stride;
+      for (int64_t e = 0; e < copied[gi]; ++e) {
+        const V v[2] = {x[e], -x[e]};
+        if (bitmask(v[0] >= kth[0] | v[1] >= kth[1]) == 0) continue;  // most copies of long channels
+        uint32_t hits = 0;
+        for (int end = 0; end < 2; ++end) {
+          const M tie = v[end] == kth[end] & ties_left[end] > 0;
+          const M take = (v[end] > kth[end] | tie) & valid;
+          ties_left[end] += tie & take;  // -1 where a tie was taken
+          hits |= bitmask(take) << (end * W);
+        }
+        for (; hits != 0; hits &= hits - 1) {
+          const int b = __builtin_ctz(hits), end = b / W, i = b % W;
+          const A value = v[end][i];
+          const V* lane = lane_values.data() + (end * W + i) * per_lane;
+          int64_t j = 0;  // values above this one
+          for (int64_t q = 0; q < per_lane; ++q) j += __builtin_popcount(bitmask(lane[q] > value));
+          R* row = rows.data() + ((gi * 2 + end) * per_end) * W + i;
+          while (row[j * W] != kFree) ++j;  // equal values of earlier rows
+          row[j * W] = row_of(gi, e);
+          found[static_cast<size_t>(row - rows.data()) + j * W] = value;
+        }
+      }
+    }
+  }
+
+  // Where the lists need only the k largest |x - mean| of whole channels (cover_deviations):
+  // group gi's picks straight from its copies, all lanes at once. The copies at or above the
+  // network's bound b on |x - mean|, less a margin far above the rounding of |x - mean| in A
+  // (a few ulps of |b| + |mean|), are dealt to per-lane slots in row order and ranked in core's
+  // order (|x - mean| in double descending, ties to the lower row). That is core's pick of the
+  // two ends' lists wherever an end's order (value descending, ties to the lower row) is the
+  // |x - mean| order; a lane where it may not be (below), with too many candidates or a bound
+  // that is not finite (NaN, inf) gets both ends' full lists instead (select_lane_exact), for
+  // core's pick.
+  // (One list instead of two ends' lists merged afterwards: (256, 1024) topk forward, 1 thread,
+  // 339-355 -> 277-281 us.)
+  void pick_from_copies(int64_t gi, M valid, core::Deviation* picks) {
+    constexpr int S = kSlots;
+    constexpr int D = Simd<double>::W;
+    typedef A Lanes __attribute__((vector_size(D * sizeof(A))));  // D lanes, widened to double
+    typedef R LaneRows __attribute__((vector_size(D * sizeof(R))));
+    const int64_t P = per_end;
+    const V mean = lane_means(gi), b = values[gi * 2 * levels + levels - 1];
+    const V margin = (vabs(b) + vabs(mean)) * A(1.0 / (1 << 19));
+    const uint32_t lanes = bitmask(valid);
+    const uint32_t finite = bitmask(margin < std::numeric_limits<A>::infinity()) & lanes;  // NaN and -inf not
+    const V near = b - margin;
+    const V* x = copies.get() + gi * stride;
+    R* kept = kept_ids.data();
+    int64_t kept_count = 0;
+    M id = lane_ids();
+    const M step = splat<M>(static_cast<R>(W));
+    for (int64_t e = 0, count = copied[gi]; e < count; ++e, id += step) {
+      kept_count += compress(id, bitmask(vabs(x[e] - mean) >= near) & finite, kept + kept_count);
+    }
+    int taken[W];
+    deal_to_slots(gi, kept, kept_count, A(1), taken);
+    uint32_t pickable = finite;
+    int most = 0;
+    for (int i = 0; i < W; ++i) {
+      if (taken[i] > S || taken[i] < P) pickable &= ~(1u << i);
+      most = std::max(most, std::min(taken[i], S));
+    }
+    for (int h = 0; h * D < W; ++h) {  // D lanes at a time, in double
+      VD lane_mean;
+      std::memcpy(&lane_mean, exact_means.data() + gi * W + h * D, sizeof lane_mean);
+      VI64 count;
+      for (int l = 0; l < D; ++l) count[l] = taken[h * D + l];
+      VD value[S], diff[S], key[S];
+      VI64 row[S], filled[S];
+      for (int s = 0; s < most; ++s) {
+        Lanes narrow;
+        LaneRows narrow_row;
+        std::memcpy(&narrow, slot_values.data() + s * W + h * D, sizeof narrow);
+        std::memcpy(&narrow_row, slot_rows.data() + s * W + h * D, sizeof narrow_row);
+        value[s] = __builtin_convertvector(narrow, VD);
+        row[s] = __builtin_convertvector(narrow_row, VI64) + base;
+        diff[s] = value[s] - lane_mean;
+        key[s] = vabs(diff[s]);
+        filled[s] = s < count;
+      }
+      // A slot's place: the filled slots of its lane before it (larger key, or an equal key
+      // in an earlier row); places from P on go to one spare entry per lane. Equal keys are
+      // core's order too where they are equal values (an end's list orders them by row) or
+      // mean +- d; `collapsed`: two values whose x - mean rounds to one double (1e-30 and
+      // 2e-30 around a mean of 1), which core's lists would order by value.
+      VI64 collapsed{}, place[S];
+      for (int s = 0; s < most; ++s) {
+        VI64 before{};
+        for (int t = 0; t < s; ++t) {
+          before -= key[t] >= key[s] & filled[t];
+          collapsed |= diff[t] == diff[s] & value[t] != value[s] & filled[t] & filled[s];
+        }
+        for (int t = s + 1; t < most; ++t) before -= key[t] > key[s] & filled[t];
+        place[s] = before;
+      }
+      // Straight into picks, lane by lane: a staging copy read back whole waited on its
+      // scalar stores.
+      const uint32_t ok = (pickable >> (h * D)) & ~bitmask(collapsed) & ((1u << D) - 1);
+      for (uint32_t bits = ok; bits != 0; bits &= bits - 1) {
+        const int l = __builtin_ctz(bits);
+        core::Deviation* out = picks + (h * D + l) * P;
+        for (int s = 0; s < count[l]; ++s) {
+          if (place[s][l] < P) out[place[s][l]] = {value[s][l], row[s][l], key[s][l]};
+        }
+      }
+      picked_lanes[gi] |= ok << (h * D);
+    }
+    for (uint32_t bits = lanes & ~picked_lanes[gi]; bits != 0; bits &= bits - 1) {
+      for (int end = 0; end < 2; ++end) select_lane_exact(gi, end, __builtin_ctz(bits), kLowest);
+    }
+  }
+  // The lanes of `group` that pick_from_copies picked.
+  uint32_t picked(int64_t group) const { return picked_lanes.empty() ? 0 : picked_lanes[group]; }
+
+  // Hands lanes [0, n) of `group` (channels c0 ...) to the tile's Candidate lists. All of a
+  // lane's entries go to one chunk's list, already in core's order (largest first, equal
+  // values by row). A list still empty (the usual case: one flush per chunk and tile) takes
+  // them as they are; one filled by an earlier flush of the chunk is merged with them in
+  // O(k) (offering them one by one cost O(k^2), seconds for k ~ m ~ 10^4).
+  // Lanes whose largest |x - mean| pick_from_copies picked are not handed over.
+  template <typename Ext>
+  void flush(const Ext& ext, int64_t group, int64_t c0, int n) {
+    const uint32_t picked_here = picked(group);
+    merged.resize(static_cast<size_t>(per_end));
+    for (int end = 0; end < 2; ++end) {
+      const size_t at = static_cast<size_t>((group * 2 + end) * per_end);
+      for (int i = 0; i < n; ++i) {
+        if ((picked_here >> i & 1) != 0) continue;
+        auto entry = [&](int64_t j) {
+          return Candidate{static_cast<double>(found[(at + j) * W + i]), base + rows[(at + j) * W + i]};
+        };
+        int64_t count = 0;
+        while (count < per_end && rows[(at + count) * W + i] != kFree) ++count;
+        if (count == 0) continue;
+        Candidate* list = ext.lists(end == 0 ? ext.largest : ext.smallest, c0 + i, entry(0).index);
+        if (list[0].index == core::kNoIndex) {
+          for (int64_t j = 0; j < count; ++j) list[j] = entry(j);
+          continue;
+        }
+        for (int64_t out = 0, old = 0, j = 0; out < per_end; ++out) {
+          const bool take = j < count && core::candidate_beats(entry(j).value, entry(j).index, list[old]);
+          merged[out] = take ? entry(j++) : list[old++];
+        }
+        std::copy(merged.begin(), merged.end(), list);
+      }
+    }
+  }
+};
+
+}  // namespace
+}  // namespace lpnorm::cpu::LPNORM_ISA_NAMESPACE

@@ -1,0 +1,381 @@
+// The reductions: two sums per channel of a lane-wise op over x (and g), with the stats
+// pass's extreme lists, channel-major or channels-innermost.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu/isa/lane_lists.h"
+#include "cpu/isa/tile_walks.h"
+
+namespace lpnorm::cpu::LPNORM_ISA_NAMESPACE {
+namespace {
+
+struct SumOp {
+  template <typename V>
+  LPNORM_INLINE void operator()(V x, V, V, V& s0, V&) const {
+    s0 += x;
+  }
+};
+
+struct ShiftedSumsOp {  // around a pivot close to the mean, so the squares barely cancel
+  template <typename V>
+  LPNORM_INLINE void operator()(V x, V, V pivot, V& s0, V& s1) const {
+    const V d = x - pivot;
+    s0 += d;
+    s1 += d * d;
+  }
+};
+
+struct GradSumsOp {
+  template <typename V>
+  LPNORM_INLINE void operator()(V x, V g, V mean, V& s0, V& s1) const {
+    s0 += g;
+    s1 += g * (x - mean);
+  }
+};
+
+template <PhiKind kPhi, typename A>
+struct DeviationOp {
+  A power;
+  template <typename V>
+  LPNORM_INLINE void operator()(V x, V, V mean, V& s0, V& s1) const {
+    V q, phi;
+    deviation_terms<kPhi>(x - mean, power, q, phi);
+    s0 += q;
+    s1 += phi;
+  }
+};
+
+// Extreme lists of the stats pass behind a cheap filter: a vector is looked at lane by lane
+// only when some lane beats the k-th largest or the k-th smallest value kept so far, which
+// after the first few thousand elements is rare. Elements of one channel arrive in
+// increasing flat order, so a value equal to the threshold never beats it.
+struct NoExtremes {
+  static constexpr bool kActive = false;
+  int64_t split() const { return kNoSplit; }
+};
+
+template <typename A>
+struct Extremes {
+  static constexpr bool kActive = true;
+  using V = typename Simd<A>::V;
+  Candidate* largest;   // [C][chunks][per_end]
+  Candidate* smallest;
+  int64_t chunks, per_end, chunk_count;
+  core::Deviation* picked = nullptr;  // StatsArgs::picked (null with chunks > 1)
+
+  int64_t split() const { return chunks > 1 ? chunk_count : kNoSplit; }
+  Candidate* lists(Candidate* base, int64_t c, int64_t flat) const {
+    return base + (c * chunks + flat / chunk_count) * per_end;
+  }
+  // Largest values must beat hi, smallest must fall below lo (a run's lists: runs never cross
+  // a chunk, so the lists are found once per run, without a division per offer).
+  void thresholds(const Candidate* up_list, const Candidate* down_list, A& hi, A& lo) const {
+    hi = static_cast<A>(up_list[per_end - 1].value);
+    lo = static_cast<A>(-down_list[per_end - 1].value);
+  }
+  // Offers lane i of x (flat index flat + i) to the largest values for every bit of `up`, to
+  // the smallest for every bit of `down`.
+  void offer(V x, uint32_t up, uint32_t down, Candidate* up_list, Candidate* down_list, int64_t flat) const {
+    for (; up != 0; up &= up - 1) {
+      const int i = __builtin_ctz(up);
+      core::offer_extreme(up_list, per_end, static_cast<double>(x[i]), flat + i);
+    }
+    for (; down != 0; down &= down - 1) {
+      const int i = __builtin_ctz(down);
+      core::offer_extreme(down_list, per_end, -static_cast<double>(x[i]), flat + i);
+    }
+  }
+};
+
+// Channel-major reduction of the tile into out0[c] / out1[c].
+template <typename T, typename Op, typename Ext>
+void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g, const double* mean, const Op& op,
+                          const Ext& ext, double* out0, double* out1) {
+  using A = AccOf<T>;
+  using V = VecOf<T>;
+  constexpr int W = kLanes<T>;
+  for (int64_t c = t.c_begin; c < t.c_end; ++c) {
+    const V m = splat<V>(static_cast<A>(mean != nullptr ? mean[c] : 0.0));
+    V s0a{}, s0b{}, s1a{}, s1b{};
+    double t0 = 0, t1 = 0;
+    int steps = 0;
+    auto fold = [&] {
+      t0 += hsum(s0a + s0b);
+      t1 += hsum(s1a + s1b);
+      s0a = s0b = s1a = s1b = V{};
+      steps = 0;
+    };
+    A hi = 0, lo = 0;
+    // The walk's body always inlined: where GCC left it out of line (once this file grew), its
+    // accumulators stayed in memory (bfloat16 NCHW deviation pass 2.3x slower).
+    for_each_run(l, c, t.row_begin, t.row_end, ext.split(), [&](int64_t offset, int64_t stride, int64_t length,
+                                                                int64_t flat) __attribute__((always_inline)) {
+      const T* px = x + offset;
+      const T* pg = g != nullptr ? g + offset : nullptr;
+      Candidate *up_list = nullptr, *down_list = nullptr;
+      if constexpr (Ext::kActive) {
+        up_list = ext.lists(ext.largest, c, flat);
+        down_list = ext.lists(ext.smallest, c, flat);
+        ext.thresholds(up_list, down_list, hi, lo);
+      }
+      prefetch_next_plane(l, px, stride, length);
+      auto check = [&](V v, int64_t first, uint32_t valid) {
+        if constexpr (Ext::kActive) {
+          const uint32_t up = bitmask(v > hi) & valid, down = bitmask(v < lo) & valid;
+          if ((up | down) != 0) {
+            ext.offer(v, up, down, up_list, down_list, first);
+            ext.thresholds(up_list, down_list, hi, lo);
+          }
+        }
+      };
+      const uint32_t all = W == 32 ? ~0u : (1u << W) - 1u;
+      int64_t i = 0;
+      for (; i + 2 * W <= length; i += 2 * W) {
+        const V x0 = load_run(px + i * stride, stride, W), x1 = load_run(px + (i + W) * stride, stride, W);
+        V g0{}, g1{};
+        if (pg != nullptr) {
+          g0 = load_run(pg + i * stride, stride, W);
+          g1 = load_run(pg + (i + W) * stride, stride, W);
+        }
+        op(x0, g0, m, s0a, s1a);
+        op(x1, g1, m, s0b, s1b);
+        check(x0, flat + i, all);
+        check(x1, flat + i + W, all);
+        if (++steps == kFoldEvery) fold();
+      }
+      for (; i < length; i += W) {
+        const int n = static_cast<int>(std::min<int64_t>(W, length - i));
+        const V x0 = load_run(px + i * stride, stride, n);
+        const V g0 = pg != nullptr ? load_run(pg + i * stride, stride, n) : V{};
+        V q0{}, q1{};
+        op(x0, g0, m, q0, q1);
+        const auto valid = lanes_below<A>(n);
+        s0a += valid ? q0 : V{};
+        s1a += valid ? q1 : V{};
+        check(x0, flat + i, n == W ? all : (1u << n) - 1u);
+        if (++steps == kFoldEvery) fold();
+      }
+    });
+    fold();
+    out0[c] = t0;
+    if (out1 != nullptr) out1[c] = t1;
+  }
+}
+
+
+// Per-channel values of a channels-innermost tile as accumulation-type arrays, padded to
+// whole vectors.
+template <typename A>
+std::vector<A> channel_values(const double* values, const Tile& t, int W, double fallback = 0.0) {
+  const int64_t channels = t.c_end - t.c_begin;
+  std::vector<A> out(static_cast<size_t>((channels + W - 1) / W * W), static_cast<A>(fallback));
+  for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<A>(values != nullptr ? values[t.c_begin + c] : 0.0);
+  return out;
+}
+
+
+// Channels-innermost reduction: rows of contiguous channels, a block of kBlockRows rows a few
+// vectors of channels at a time, float lanes folded into double every kFoldEvery rows.
+template <typename T, typename Op, typename Ext>
+void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, const T* g, const double* mean,
+                               const Op& op, const Ext& ext, double* out0, double* out1) {
+  using A = AccOf<T>;
+  using V = VecOf<T>;
+  constexpr int W = kLanes<T>;
+  const Tile t = parts.whole();
+  const int64_t channels = t.c_end - t.c_begin;
+  const int64_t groups = (channels + W - 1) / W;
+  const int tail = static_cast<int>(channels - (groups - 1) * W);
+  const std::vector<A> means = channel_values<A>(mean, t, W);
+  std::vector<V> s0(static_cast<size_t>(groups)), s1(static_cast<size_t>(groups));
+  // Lanes past the tile's channels (of the last vector) sum zeros.
+  std::vector<double> t0(static_cast<size_t>(groups * W)), t1(static_cast<size_t>(groups * W));
+  LaneLists<A> lists;
+  auto fold = [&] {
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      add_widened(t0.data() + gi * W, s0[gi]);
+      add_widened(t1.data() + gi * W, s1[gi]);
+      s0[gi] = s1[gi] = V{};
+    }
+  };
+  auto flush = [&](int64_t next_row) {  // lists to the Candidates, restart at next_row
+    if constexpr (Ext::kActive) {
+      // The last flush of a whole channel, where the caller needs only the largest |x - mean|
+      // (t0: the sums of one part, all of the channel).
+      if (ext.picked != nullptr && parts.count == 1 && next_row == t.row_end && lists.base == 0 &&
+          t.row_end == l.count()) {
+        lists.cover_deviations(t0.data(), channels, l.count());
+      }
+      lists.find_rows(tail, ext.picked != nullptr ? ext.picked + t.c_begin * ext.per_end : nullptr);
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        lists.flush(ext, gi, t.c_begin + gi * W, gi + 1 < groups ? W : tail);
+      }
+      lists.reset(next_row);
+    }
+  };
+  auto mean_of = [&](int64_t gi) {
+    V m;
+    std::memcpy(&m, means.data() + gi * W, sizeof m);
+    return m;
+  };
+  // The row at `offset`, channel vector gi (n channels of it; lanes past them compute on
+  // zeros, never folded), into the accumulators a0, a1.
+  auto visit = [&](int64_t offset, int64_t gi, int n, V m, V& a0, V& a1, auto&& offer) {
+    const T* px = x + offset + t.c_begin + gi * W;
+    const V xv = n == W ? Io<T>::load(px) : load_first(px, n);
+    V gv{};
+    if (g != nullptr) {
+      const T* pg = g + offset + t.c_begin + gi * W;
+      gv = n == W ? Io<T>::load(pg) : load_first(pg, n);
+    }
+    op(xv, gv, m, a0, a1);
+    offer(xv);
+  };
+  int steps = 0;  // rows summed in float since the last fold
+  if constexpr (Ext::kActive) lists.start(groups, ext.per_end, t.row_end - t.row_begin, t.row_begin);
+  const int64_t split = ext.split();
+  // The rows of one part, each part's sums walked as if it were the only one.
+  auto walk_part = [&](int64_t row_begin, int64_t row_end) {
+    // Wide rows of a tensor far bigger than the caches row by row, in memory order, the
+    // accumulators and means in L1: (32, C, H, W) channels-last float32, ~25 MB, 1 thread, the
+    // sum pass took 1.9-2.5x torch's x.sum() in blocks and chunks, this 1.3-1.5x at C = 128-256
+    // (the l1 deviation pass 3.0-3.6x -> 1.4-2.3x); at C = 512 neither order won, so at most
+    // 4 KiB of the two accumulators and the mean.
+    if (!Ext::kActive && walks_row_by_row<T>(l, groups, 3, 4 << 10)) {
+      for_each_row(l, row_begin, row_end, [&](int64_t, int64_t offset) {
+        if (++steps > kFoldEvery) {
+          fold();
+          steps = 1;
+        }
+        for (int64_t gi = 0; gi < groups; ++gi) {
+          visit(offset, gi, gi + 1 < groups ? W : tail, mean_of(gi), s0[gi], s1[gi], [](V) {});
+        }
+      });
+    } else {
+      // A block of rows is taken a few vectors of channels at a time, over all its rows, the
+      // accumulators, means and one-level lists of those vectors in registers. (One accumulator
+      // per vector carried from step to step through memory, every vector of a 4-row step at a
+      // time, left the 25 MB NHWC sum pass at C = 64 1.3-1.4x the time of torch's x.sum() and
+      // its l1 deviation pass 1.2-1.4x; now 1.0-1.1x. The topk stats pass of the same tensor:
+      // 2.8-3.5 -> 2.4-2.8x.)
+      for_each_row_step<kBlockRows>(l, row_begin, row_end, split, [&](int64_t r0, const int64_t* offsets, int rows) {
+        if constexpr (Ext::kActive) {
+          // The lists restart where a chunk starts and before their relative rows would overflow.
+          if ((split != kNoSplit && r0 % split == 0 && r0 != lists.base) ||
+              r0 + rows - lists.base > LaneLists<A>::kMaxSpan) {
+            flush(r0);
+          }
+        }
+        if (steps + rows > kFoldEvery) {
+          fold();
+          steps = 0;
+        }
+        for (int64_t g0 = 0; g0 < groups; g0 += kChunkGroups) {
+          with_chunk(groups - g0, tail != W, [&](auto chunk, auto short_last) {
+            // (GCC keeps an array on the stack where a loop variable indexes it: the loops over
+            // vectors are unrolled in the source.)
+            constexpr int G = decltype(chunk)::value;
+            auto lanes = [&](int gi) { return decltype(short_last)::value && gi == G - 1 ? tail : W; };
+            V a0[G] = {}, a1[G] = {}, m[G];
+            unrolled<G>([&](auto gi) { m[gi] = mean_of(g0 + gi); });
+            // The block's rows in order, each vector of the chunk handed to offer(gi, q, vector).
+            auto each_row = [&](auto&& offer) {
+              for (int q = 0; q < rows; ++q) {
+                unrolled<G>([&](auto gi) {
+                  visit(offsets[q], g0 + gi, lanes(gi), m[gi], a0[gi], a1[gi], [&](V xv) { offer(gi, q, xv); });
+                });
+              }
+            };
+            // The same, vector by vector: copies written one group's at a time ((256, 1024) topk
+            // forward 1 thread: 425 us in row order, 344 in this; a linf NHWC forward took 1.6x
+            // as long in this order as in row order).
+            auto each_vector = [&](auto&& offer) {
+              unrolled<G>([&](auto gi) {
+                for (int q = 0; q < rows; ++q) {
+                  visit(offsets[q], g0 + gi, lanes(gi), m[gi], a0[gi], a1[gi], [&](V xv) { offer(gi, q, xv); });
+                }
+              });
+            };
+            if constexpr (!Ext::kActive) {
+              each_row([](int, int, V) {});
+            } else if (lists.levels == 1) {  // the lists' two ends in registers too
+              typename LaneLists<A>::Top top[G];
+              unrolled<G>([&](auto gi) { top[gi] = lists.top(g0 + gi); });
+              each_row([&](int gi, int q, V xv) { lists.offer_top(top[gi], xv, r0 + q); });
+              unrolled<G>([&](auto gi) { lists.keep(g0 + gi, top[gi]); });
+            } else if (lists.dense) {  // every vector copied
+              V* copy[G];
+              unrolled<G>([&](auto gi) { copy[gi] = lists.every_copy(g0 + gi, r0); });
+              each_vector([&](int gi, int q, V xv) { copy[gi][q] = xv; });
+              unrolled<G>([&](auto gi) { lists.copied_every(g0 + gi, r0 + rows); });
+            } else {
+              typename LaneLists<A>::Bounds bounds[G];
+              unrolled<G>([&](auto gi) { bounds[gi] = lists.bounds(g0 + gi); });
+              each_row([&](auto gi, int q, V xv) {
+                if (!bounds[gi].beaten_by(xv)) return;
+                lists.copy(g0 + gi, xv, r0 + q);
+                bounds[gi] = lists.bounds(g0 + gi);
+              });
+            }
+            unrolled<G>([&](auto gi) {
+              s0[g0 + gi] += a0[gi];
+              s1[g0 + gi] += a1[gi];
+            });
+          });
+        }
+        steps += rows;
+        if constexpr (Ext::kActive) {
+          if (lists.full) flush(r0 + rows);
+        }
+      });
+    }
+  };
+  for (int64_t j = 0; j < parts.count; ++j) {
+    walk_part(parts.tiles[j].row_begin, parts.tiles[j].row_end);
+    fold();
+    steps = 0;
+    if (j + 1 == parts.count) flush(t.row_end);
+    for (int64_t c = 0; c < channels; ++c) {
+      out0[j * l.C + t.c_begin + c] = t0[c];
+      if (out1 != nullptr) out1[j * l.C + t.c_begin + c] = t1[c];
+      t0[c] = t1[c] = 0;
+    }
+  }
+}
+
+template <typename T, typename Op, typename Ext>
+void reduce(const Layout& l, const Tile& t, const void* x, const void* g, const double* mean, const Op& op,
+            const Ext& ext, double* out0, double* out1) {
+  const T* px = static_cast<const T*>(x);
+  const T* pg = static_cast<const T*>(g);
+  if (walk(l) == Walk::ChannelsInnermost) {
+    reduce_channels_innermost(l, Parts{&t, 1}, px, pg, mean, op, ext, out0, out1);
+  } else {
+    reduce_channel_major(l, t, px, pg, mean, op, ext, out0, out1);
+  }
+}
+
+// The same over row parts whose sums stay apart (Kernels::collect_stats). Channel-major lists
+// live in the Candidates (ext's, part 0's for every part), so they go on from part to part by
+// themselves: each part is walked alone.
+template <typename T, typename Op, typename Ext>
+void reduce_parts(const Layout& l, const Parts& parts, const void* x, const double* mean, const Op& op,
+                  const Ext& ext, double* out0, double* out1) {
+  const T* px = static_cast<const T*>(x);
+  const T* no_grad = nullptr;
+  if (walk(l) == Walk::ChannelsInnermost) {  // (one call site per instantiation: GCC inlines it)
+    reduce_channels_innermost(l, parts, px, no_grad, mean, op, ext, out0, out1);
+    return;
+  }
+  for (int64_t j = 0; j < parts.count; ++j) {
+    double* part1 = out1 != nullptr ? out1 + j * l.C : nullptr;
+    reduce_channel_major(l, parts.tiles[j], px, no_grad, mean, op, ext, out0 + j * l.C, part1);
+  }
+}
+
+}  // namespace
+}  // namespace lpnorm::cpu::LPNORM_ISA_NAMESPACE

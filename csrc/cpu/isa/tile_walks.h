@@ -1,0 +1,192 @@
+// Walking a tile: the orders in which the passes visit a tile's elements (channel-major runs,
+// channels-innermost rows and steps of rows), prefetch, and the fold of float lanes into
+// double.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <utility>
+
+#include "cpu/isa/vector_io.h"
+
+namespace lpnorm::cpu::LPNORM_ISA_NAMESPACE {
+namespace {
+
+constexpr int64_t kNoSplit = std::numeric_limits<int64_t>::max();
+
+Walk walk(const Layout& l) { return walk_of(l); }
+
+// A reduction's rows, cut into consecutive parts summed apart (part j's sums to out + j * C):
+// the split schedule's row parts that one call walks (Kernels::collect_stats).
+struct Parts {
+  const Tile* tiles;
+  int64_t count;
+  Tile whole() const { return {tiles[0].c_begin, tiles[0].c_end, tiles[0].row_begin, tiles[count - 1].row_end}; }
+};
+
+// Channel-major: the tile's elements of channel c as runs of evenly strided elements, in
+// increasing flat order, never crossing a multiple of `split`. Calls
+// run(offset, stride, length, flat).
+template <typename Run>
+LPNORM_INLINE void for_each_run(const Layout& l, int64_t c, int64_t row_begin, int64_t row_end, int64_t split,
+                                Run&& run) {
+  const int64_t count = l.count();
+  int64_t length = l.S, stride = l.stride_s;  // one run per (n, c) plane ...
+  if (l.S == 1) {                              // ... or the whole channel as one
+    length = count;
+    stride = l.stride_n;
+  } else if (l.stride_n == l.S * l.stride_s) {
+    length = count;
+  }
+  // Positions advance by addition: a division per run costs as much as a short plane.
+  int64_t j = row_begin / length, i = row_begin % length;
+  int64_t next_split = split == kNoSplit ? kNoSplit : (row_begin / split + 1) * split;
+  int64_t offset = c * l.stride_c + j * l.stride_n;
+  for (int64_t r = row_begin; r < row_end;) {
+    const int64_t n = std::min({length - i, row_end - r, next_split - r});
+    run(offset + i * stride, stride, n, r);
+    r += n;
+    i += n;
+    if (i == length) {
+      i = 0;
+      offset += l.stride_n;
+    }
+    if (r == next_split) next_split += split;
+  }
+}
+
+// Rows [row_begin, row_end) of a channels-innermost layout: calls row(r, offset of the
+// row's channel 0).
+template <typename Row>
+LPNORM_INLINE void for_each_row(const Layout& l, int64_t row_begin, int64_t row_end, Row&& row) {
+  int64_t n = row_begin / l.S, s = row_begin % l.S;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    row(r, n * l.stride_n + s * l.stride_s);
+    if (++s == l.S) {
+      s = 0;
+      ++n;
+    }
+  }
+}
+
+// A channels-innermost element pass takes this many rows per step, so each vector of
+// per-channel parameters is loaded once per step rather than once per row.
+constexpr int kRowsPerStep = 4;
+
+// Rows [row_begin, row_end) of a channels-innermost layout in steps of up to kRows rows that
+// never cross a multiple of `split`: calls step(first row, offsets of the rows' channel 0,
+// row count).
+template <int kRows = kRowsPerStep, typename Step>
+LPNORM_INLINE void for_each_row_step(const Layout& l, int64_t row_begin, int64_t row_end, int64_t split,
+                                     Step&& step) {
+  int64_t offsets[kRows];
+  int count = 0;
+  int64_t first = row_begin;
+  int64_t next_split = split == kNoSplit ? kNoSplit : (row_begin / split + 1) * split;
+  for_each_row(l, row_begin, row_end, [&](int64_t r, int64_t offset) {
+    if (count == 0) first = r;
+    offsets[count++] = offset;
+    const bool boundary = r + 1 == next_split;
+    if (boundary) next_split += split;
+    if (count == kRows || boundary || r + 1 == row_end) {
+      step(first, static_cast<const int64_t*>(offsets), count);
+      count = 0;
+    }
+  });
+}
+
+// fn(count): a full step's row count as a compile-time constant (the row loop unrolls),
+// a short step's as an int.
+template <typename Fn>
+LPNORM_INLINE void with_step_rows(int rows, Fn&& fn) {
+  if (rows == kRowsPerStep) {
+    fn(std::integral_constant<int, kRowsPerStep>{});
+  } else {
+    fn(rows);
+  }
+}
+
+// Channel-major runs of one short plane each ((128,256,14,14): 392 bytes, the next plane of
+// the channel 100 KB further) start a new stream every few vectors, too short for the
+// hardware prefetcher: a run fetches the plane kPlanesAhead planes on.
+constexpr int64_t kPlanesAhead = 4;
+constexpr int64_t kShortRunBytes = 1024;
+
+// kWrite: the lines are about to be written (fetched for ownership).
+template <bool kWrite = false, typename T>
+LPNORM_INLINE void prefetch_next_plane(const Layout& l, const T* run, int64_t stride, int64_t length) {
+  const int64_t bytes = length * static_cast<int64_t>(sizeof(T));
+  if (stride != 1 || length != l.S || bytes > kShortRunBytes) return;
+  // Addresses only (a prefetch past the tensor is harmless; the pointer is never formed).
+  const uintptr_t ahead = reinterpret_cast<uintptr_t>(run) + kPlanesAhead * l.stride_n * sizeof(T);
+  for (uintptr_t line = ahead & ~(kLineBytes - 1); line < ahead + bytes; line += kLineBytes) {
+    __builtin_prefetch(reinterpret_cast<const void*>(line), kWrite ? 1 : 0);
+  }
+}
+
+// A channels-innermost reduction takes kBlockRows rows at a time, kChunkGroups vectors of
+// channels at a time: fn(std::integral_constant<int, vectors in this chunk>,
+// std::bool_constant<its last vector is the tile's short last one>).
+constexpr int kBlockRows = 16;
+constexpr int64_t kChunkGroups = 4;
+template <typename Fn>
+LPNORM_INLINE void with_chunk(int64_t vectors_left, bool short_tail, Fn&& fn) {
+  auto with_short = [&](auto chunk) {
+    if (short_tail && vectors_left == decltype(chunk)::value) return fn(chunk, std::true_type{});
+    return fn(chunk, std::false_type{});
+  };
+  switch (vectors_left) {
+    case 1: return with_short(std::integral_constant<int, 1>{});
+    case 2: return with_short(std::integral_constant<int, 2>{});
+    case 3: return with_short(std::integral_constant<int, 3>{});
+    default: return with_short(std::integral_constant<int, 4>{});
+  }
+}
+
+// fn(std::integral_constant<int, i>) for i in [0, N), unrolled.
+template <typename Fn, int... I>
+LPNORM_INLINE void unrolled(Fn&& fn, std::integer_sequence<int, I...>) {
+  (fn(std::integral_constant<int, I>{}), ...);
+}
+template <int N, typename Fn>
+LPNORM_INLINE void unrolled(Fn&& fn) {
+  unrolled(fn, std::make_integer_sequence<int, N>{});
+}
+
+// Tensors at least this big are read from memory, not from the caches (2 MiB L2 per core).
+constexpr int64_t kBeyondCachesBytes = int64_t{4} << 20;
+
+// Whether a channels-innermost pass takes its rows one by one, in memory order, loading the
+// per-channel state of every vector (`state_vectors` per vector of channels: parameters,
+// accumulators, means) from L1: for wide rows (more than one chunk of vectors) of a tensor
+// beyond the caches, while that state stays within `max_state_bytes` (measured at the callers).
+template <typename T>
+bool walks_row_by_row(const Layout& l, int64_t groups, int64_t state_vectors, int64_t max_state_bytes) {
+  const bool beyond_caches = l.count() * l.C * static_cast<int64_t>(sizeof(T)) >= kBeyondCachesBytes;
+  return beyond_caches && groups > kChunkGroups && groups * state_vectors * kBytes <= max_state_bytes;
+}
+
+// out[i] += v[i] for every lane, in double, a vector at a time (lane by lane, the fold took a
+// tenth of a 64-channel NHWC sum pass).
+LPNORM_INLINE void add_widened(double* out, VD v) {
+  VD sum;
+  std::memcpy(&sum, out, sizeof sum);
+  sum += v;
+  std::memcpy(out, &sum, sizeof sum);
+}
+LPNORM_INLINE void add_widened(double* out, VF v) {
+  typedef float HalfVF __attribute__((vector_size(kBytes / 2)));
+  HalfVF half[2];
+  std::memcpy(half, &v, sizeof v);
+  add_widened(out, __builtin_convertvector(half[0], VD));
+  add_widened(out + Simd<double>::W, __builtin_convertvector(half[1], VD));
+}
+
+// The fold of float lanes into double: every kFoldEvery vector steps, each lane has summed
+// at most that many values in float.
+constexpr int kFoldEvery = 64;
+
+}  // namespace
+}  // namespace lpnorm::cpu::LPNORM_ISA_NAMESPACE

@@ -1,0 +1,177 @@
+// Vectors of this build. The element loops use GCC/Clang vector extensions sized to the
+// build's registers (16 bytes in the baseline build, which the compiler lowers to SSE2, NEON
+// or scalars; 32 for AVX2; 64 for AVX-512), so one source serves every build; x86 intrinsics
+// appear only under the build's own __AVX2__ / __AVX512F__ macros (half-precision
+// conversion, lane masks).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "core/half_types.h"
+#include "core/inline.h"
+#include "cpu/isa/build.h"
+#include "cpu/kernels.h"
+
+namespace lpnorm::cpu::LPNORM_ISA_NAMESPACE {
+namespace {
+
+using core::BFloat16;
+using core::Candidate;
+using core::Half;
+using core::PhiKind;
+
+
+#if defined(__AVX512F__)
+constexpr int kBytes = 64;
+#elif defined(__AVX2__)
+constexpr int kBytes = 32;
+#else
+constexpr int kBytes = 16;
+#endif
+
+typedef float VF __attribute__((vector_size(kBytes)));
+typedef double VD __attribute__((vector_size(kBytes)));
+typedef int32_t VI32 __attribute__((vector_size(kBytes)));
+typedef int64_t VI64 __attribute__((vector_size(kBytes)));
+typedef uint32_t VU32 __attribute__((vector_size(kBytes)));
+typedef uint64_t VU64 __attribute__((vector_size(kBytes)));
+typedef uint16_t VU16 __attribute__((vector_size(kBytes / 2)));
+
+template <typename A>
+struct Simd;
+template <>
+struct Simd<float> {
+  using V = VF;
+  using Mask = VI32;
+  static constexpr int W = kBytes / 4;
+};
+template <>
+struct Simd<double> {
+  using V = VD;
+  using Mask = VI64;
+  static constexpr int W = kBytes / 8;
+};
+
+LPNORM_INLINE uint32_t bitmask(VI32 m) {
+#if defined(__AVX512F__)
+  return _mm512_movepi32_mask(reinterpret_cast<__m512i>(m));
+#elif defined(__AVX2__)
+  return static_cast<uint32_t>(_mm256_movemask_ps(reinterpret_cast<__m256>(m)));
+#else
+  uint32_t bits = 0;
+  for (int i = 0; i < Simd<float>::W; ++i) bits |= (m[i] != 0 ? 1u : 0u) << i;
+  return bits;
+#endif
+}
+
+LPNORM_INLINE uint32_t bitmask(VI64 m) {
+#if defined(__AVX512F__)
+  return _mm512_movepi64_mask(reinterpret_cast<__m512i>(m));
+#elif defined(__AVX2__)
+  return static_cast<uint32_t>(_mm256_movemask_pd(reinterpret_cast<__m256d>(m)));
+#else
+  uint32_t bits = 0;
+  for (int i = 0; i < Simd<double>::W; ++i) bits |= (m[i] != 0 ? 1u : 0u) << i;
+  return bits;
+#endif
+}
+
+// One broadcast: a - 0 is a for every value (-0 and NaN included). (A lane-by-lane loop
+// compiled to one masked broadcast per lane in some callers.)
+template <typename V, typename A>
+LPNORM_INLINE V splat(A a) {
+  using E = std::remove_reference_t<decltype(V{}[0])>;
+  return static_cast<E>(a) - V{};
+}
+
+// Lanes [0, n) set.
+template <typename A>
+LPNORM_INLINE typename Simd<A>::Mask lanes_below(int n) {
+  typename Simd<A>::Mask index;
+  for (int i = 0; i < Simd<A>::W; ++i) index[i] = i;
+  return index < n;
+}
+
+LPNORM_INLINE VF vabs(VF v) { return reinterpret_cast<VF>(reinterpret_cast<VU32>(v) & 0x7fffffffu); }
+LPNORM_INLINE VD vabs(VD v) {
+  return reinterpret_cast<VD>(reinterpret_cast<VU64>(v) & 0x7fffffffffffffffull);
+}
+
+// sign(d) with sign(0) = 0 and NaN kept (core::sign_of, lane-wise).
+template <typename V>
+LPNORM_INLINE V vsign(V d) {
+  using A = std::remove_reference_t<decltype(d[0])>;
+  const V zero{};
+  return d > zero ? splat<V>(A(1)) : (d < zero ? splat<V>(A(-1)) : d * A(0));
+}
+
+#if defined(__AVX512F__)
+// One instruction instead of two compares, two blends and a multiply (the l1 deviation pass
+// is bound by its arithmetic on half inputs): vfixupimm maps each input class to a constant,
+// a nibble per class (QNaN, SNaN, zero, +1, -inf, +inf, negative, positive) -> (itself, quiet
+// NaN, +0, +1, -1, +1, -1, +1).
+constexpr int32_t kSignTable = static_cast<int32_t>(0xA9A9A821u);
+LPNORM_INLINE VF vsign(VF d) {
+  const __m512 v = reinterpret_cast<__m512>(d);
+  return reinterpret_cast<VF>(_mm512_fixupimm_ps(v, v, _mm512_set1_epi32(kSignTable), 0));
+}
+LPNORM_INLINE VD vsign(VD d) {
+  const __m512d v = reinterpret_cast<__m512d>(d);
+  return reinterpret_cast<VD>(_mm512_fixupimm_pd(v, v, _mm512_set1_epi64(kSignTable), 0));
+}
+#endif
+
+template <typename V>
+LPNORM_INLINE double hsum(V v) {
+  double total = 0;
+  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(v[0])); ++i) total += static_cast<double>(v[i]);
+  return total;
+}
+
+// The lanes of `id` set in `mask`, packed to the front of out (which must have room for a
+// whole vector past the last kept lane); returns how many. AVX-512 packs in registers (its
+// compress to memory is slow on AMD); other builds loop.
+template <typename M, typename R>
+LPNORM_INLINE int compress(M id, uint32_t mask, R* out) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(R) == 4) {
+    _mm512_storeu_si512(out, _mm512_maskz_compress_epi32(static_cast<__mmask16>(mask), reinterpret_cast<__m512i>(id)));
+  } else {
+    _mm512_storeu_si512(out, _mm512_maskz_compress_epi64(static_cast<__mmask8>(mask), reinterpret_cast<__m512i>(id)));
+  }
+  return __builtin_popcount(mask);
+#else
+  int n = 0;
+  for (; mask != 0; mask &= mask - 1) out[n++] = id[__builtin_ctz(mask)];
+  return n;
+#endif
+}
+
+// Lane-wise |d|^q and phi(d); `power` used by SignedPower only.
+template <PhiKind kPhi, typename V, typename A>
+LPNORM_INLINE void deviation_terms(V d, A power, V& magnitude_q, V& phi) {
+  if constexpr (kPhi == PhiKind::Identity) {
+    magnitude_q = d * d;
+    phi = d;
+  } else if constexpr (kPhi == PhiKind::Sign) {
+    magnitude_q = vabs(d);
+    phi = vsign(d);
+  } else {
+    const V magnitude = vabs(d);
+    const V sign = vsign(d);
+    for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(A)); ++i) {
+      magnitude_q[i] = std::pow(magnitude[i], power);
+      phi[i] = sign[i] * std::pow(magnitude[i], power - A(1));
+    }
+  }
+}
+
+}  // namespace
+}  // namespace lpnorm::cpu::LPNORM_ISA_NAMESPACE
