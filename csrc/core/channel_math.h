@@ -266,6 +266,39 @@ LPNORM_HOST_DEVICE void extreme_statistics(const NormSpec& spec, const ChannelSu
 
 }  // namespace detail
 
+// Dense norms (l2, l1, p): sigma and the gradient's a and b from a channel's m elements and
+// its sums of |d|^q and phi(d). Plain values in and out, so a backend can run it over many
+// channels in one loop that the compiler vectorizes (with `kind` a constant there).
+LPNORM_HOST_DEVICE LPNORM_INLINE void dense_statistics(NormKind kind, double m, double p, double lp_constant,
+                                                       double deviation_sum, double phi_sum, ChannelStatistics& stats) {
+  constexpr double kSqrtHalfPi = 1.2533141373155002512;  // sqrt(pi / 2)
+  switch (kind) {
+    case NormKind::L2:
+      stats.sigma = std::sqrt(deviation_sum / m);
+      stats.phi_scale = stats.sigma > 0 ? 1.0 / (m * stats.sigma) : 0.0;
+      break;
+    case NormKind::L1:
+      stats.sigma = kSqrtHalfPi * deviation_sum / m;
+      stats.phi_scale = kSqrtHalfPi / m;
+      stats.phi_offset = -stats.phi_scale * phi_sum / m;
+      break;
+    default: {  // NormKind::P
+      const double moment = deviation_sum / m;
+      stats.sigma = std::pow(moment, 1.0 / p) / lp_constant;
+      // d sigma = sigma / (p * moment) * d moment; zero spread has zero gradient.
+      stats.phi_scale = moment > 0 ? std::pow(moment, 1.0 / p - 1.0) / (m * lp_constant) : 0.0;
+      stats.phi_offset = -stats.phi_scale * phi_sum / m;
+    }
+  }
+}
+
+// invstd and the unbiased variance from sigma, for a channel of count > 0 elements.
+LPNORM_HOST_DEVICE LPNORM_INLINE void spread_from_sigma(int64_t count, double eps, ChannelStatistics& stats) {
+  const double variance = stats.sigma * stats.sigma;
+  stats.invstd = 1.0 / std::sqrt(variance + eps);
+  stats.unbiased_var = count > 1 ? variance * static_cast<double>(count) / (static_cast<double>(count) - 1.0) : variance;
+}
+
 // Computes the channel's statistics from the host-computed `constants`. For norms with
 // sparse gradient terms, writes chunks * sparse_per_chunk() entries to sparse_index /
 // sparse_coef (coefficient of dsigma/dx at that index, without the mean term, which goes
@@ -274,7 +307,6 @@ template <typename Coef>
 LPNORM_HOST_DEVICE ChannelStatistics channel_statistics_with(const NormSpec& spec, const ChannelSums& sums, double eps,
                                                              const ChannelConstants& constants, int64_t* sparse_index,
                                                              Coef* sparse_coef, Deviation* pool) {
-  constexpr double kSqrtHalfPi = 1.2533141373155002512;  // sqrt(pi / 2)
   ChannelStatistics stats;
   stats.mean = channel_mean(sums);
   if (sums.count == 0) {  // empty batch: nothing to normalize, nothing to differentiate
@@ -286,32 +318,13 @@ LPNORM_HOST_DEVICE ChannelStatistics channel_statistics_with(const NormSpec& spe
     stats.invstd = 1.0 / std::sqrt(eps);
     return stats;
   }
-  const double m = static_cast<double>(sums.count);
-  switch (spec.kind) {
-    case NormKind::L2:
-      stats.sigma = std::sqrt(sums.deviation_sum / m);
-      stats.phi_scale = stats.sigma > 0 ? 1.0 / (m * stats.sigma) : 0.0;
-      break;
-    case NormKind::L1:
-      stats.sigma = kSqrtHalfPi * sums.deviation_sum / m;
-      stats.phi_scale = kSqrtHalfPi / m;
-      stats.phi_offset = -stats.phi_scale * sums.phi_sum / m;
-      break;
-    case NormKind::P: {
-      const double moment = sums.deviation_sum / m;
-      const double c_p = constants.lp_constant;
-      stats.sigma = std::pow(moment, 1.0 / spec.p) / c_p;
-      // d sigma = sigma / (p * moment) * d moment; zero spread has zero gradient.
-      stats.phi_scale = moment > 0 ? std::pow(moment, 1.0 / spec.p - 1.0) / (m * c_p) : 0.0;
-      stats.phi_offset = -stats.phi_scale * sums.phi_sum / m;
-      break;
-    }
-    default:
-      detail::extreme_statistics(spec, sums, constants.extreme_divisor, stats, sparse_index, sparse_coef, pool);
+  if (spec.uses_deviation_sums()) {
+    dense_statistics(spec.kind, static_cast<double>(sums.count), spec.p, constants.lp_constant, sums.deviation_sum,
+                     sums.phi_sum, stats);
+  } else {
+    detail::extreme_statistics(spec, sums, constants.extreme_divisor, stats, sparse_index, sparse_coef, pool);
   }
-  const double variance = stats.sigma * stats.sigma;
-  stats.invstd = 1.0 / std::sqrt(variance + eps);
-  stats.unbiased_var = sums.count > 1 ? variance * m / (m - 1.0) : variance;
+  spread_from_sigma(sums.count, eps, stats);
   return stats;
 }
 

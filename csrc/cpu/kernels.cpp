@@ -49,12 +49,10 @@ void collect_stats(const StatsArgs& a, const Tile* tiles, int64_t count) {
   const int64_t C = a.layout.C;
   const int64_t lists = a.chunks * a.per_end;  // candidates per channel and end
   for (int64_t j = 0; j < count; ++j) {
-    for (int64_t c = t.c_begin; c < t.c_end; ++c) {
-      a.sum[j * C + c] = 0;
-      if (a.per_end > 0) {
-        core::reset_extremes(a.largest + (j * C + c) * lists, lists);
-        core::reset_extremes(a.smallest + (j * C + c) * lists, lists);
-      }
+    std::fill(a.sum + j * C + t.c_begin, a.sum + j * C + t.c_end, 0.0);
+    for (int64_t c = t.c_begin; a.per_end > 0 && c < t.c_end; ++c) {
+      core::reset_extremes(a.largest + (j * C + c) * lists, lists);
+      core::reset_extremes(a.smallest + (j * C + c) * lists, lists);
     }
   }
   for (int64_t c = t.c_begin; a.picked != nullptr && c < t.c_end; ++c) {
@@ -77,10 +75,11 @@ void collect_stats(const StatsArgs& a, const Tile* tiles, int64_t count) {
           a.pivot[c] += static_cast<double>(core::Element<T>::load(row[c * l.stride_c]));
         }
       }
+      // (first >= 1: the tile has rows.) One loop per step, each vectorized.
       for (int64_t c = t.c_begin; c < t.c_end; ++c) {
-        a.pivot[c] = static_cast<double>(static_cast<AccOf<T>>(first > 0 ? a.pivot[c] / static_cast<double>(first) : 0.0));
-        for (int64_t j = 1; j < count; ++j) a.pivot[j * C + c] = a.pivot[c];
+        a.pivot[c] = static_cast<double>(static_cast<AccOf<T>>(a.pivot[c] / static_cast<double>(first)));
       }
+      for (int64_t j = 1; j < count; ++j) std::copy(a.pivot + t.c_begin, a.pivot + t.c_end, a.pivot + j * C + t.c_begin);
       reduce_parts<T>(a.layout, parts, a.x, a.pivot, ShiftedSumsOp{}, NoExtremes{}, a.sum, a.sum_sq);
     } else if (a.per_end > 0) {
       const Extremes<AccOf<T>> ext{a.largest, a.smallest, a.chunks, a.per_end, a.layout.count() / a.chunks,
