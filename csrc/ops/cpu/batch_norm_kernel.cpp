@@ -77,12 +77,17 @@ Tensor values_tensor(Values<double> values, const Tensor& like, at::ScalarType d
   return direct ? out : out.to(dtype);
 }
 
+// The per-channel loops below are out of line (LPNORM_NOINLINE), so they are compiled once,
+// with their pointers' __restrict: inlined into the schedules' lambdas, some copies lost it
+// and were not vectorized.
+#define LPNORM_NOINLINE __attribute__((noinline))
+
 // Channels [begin, end): the means from collect_stats' sums, and where l2 took shifted sums
 // (pivot not null) its deviation sums: sum d^2 = sum (x - p)^2 - (sum (x - p))^2 / m, kept
 // where that loses at most 2 bits (the shift p - mean at most sqrt(3) sigma; with p the mean
 // of 8 elements, a Gaussian channel fails once in 10^6). Returns whether every channel's was
 // kept; if not, the deviation pass sums them all again. One loop the compiler vectorizes.
-bool means_from_sums(int64_t begin, int64_t end, int64_t m, const double* __restrict sum,
+LPNORM_NOINLINE bool means_from_sums(int64_t begin, int64_t end, int64_t m, const double* __restrict sum,
                      const double* __restrict pivot, const double* __restrict sum_sq, double* __restrict mean,
                      double* __restrict deviation, double* __restrict phi) {
   if (m == 0) {
@@ -94,37 +99,60 @@ bool means_from_sums(int64_t begin, int64_t end, int64_t m, const double* __rest
     for (int64_t c = begin; c < end; ++c) mean[c] = sum[c] / count;
     return false;
   }
-  int64_t lossy = 0;
+  double lossy = 0;  // a count, in double: with an integer count GCC 12 leaves the loop scalar
   for (int64_t c = begin; c < end; ++c) {
     const double shift = sum[c] / count;
     const double squares = sum_sq[c] - sum[c] * shift;
     mean[c] = pivot[c] + shift;
     deviation[c] = squares;
     phi[c] = 0;
-    lossy += !(squares >= 0 && shift * shift * count <= 3 * squares);  // NaN too
+    lossy += squares >= 0 && shift * shift * count <= 3 * squares ? 0.0 : 1.0;  // NaN too
   }
   return lossy == 0;
 }
 
-// The per-channel step of a dense norm (core::dense_statistics) over channels [begin, end),
-// in one loop over plain arrays that the compiler vectorizes. Channel by channel, each one's
-// chain of divisions and square roots waited on the last: about 11 ns per channel, more than
-// the passes themselves on (2, 4096).
+// The per-channel step in loops over plain arrays that the compiler vectorizes. Channel by
+// channel, each one's chain of divisions and square roots waited on the last: about 11 ns a
+// channel for l2, 30 for linf, more than the passes themselves on (2, 4096).
+//
+// invstd, scale = invstd * weight and the unbiased variance from sigma (core::spread_from_sigma)
+// of a channel of m > 0 elements.
+LPNORM_INLINE void spread_channel(int64_t c, int64_t m, double eps, core::ChannelStatistics& stats,
+                                  const double* __restrict weight, double* __restrict invstd,
+                                  double* __restrict scale, double* __restrict unbiased) {
+  core::spread_from_sigma(m, eps, stats);
+  invstd[c] = stats.invstd;
+  scale[c] = stats.invstd * weight[c];
+  unbiased[c] = stats.unbiased_var;
+}
+
+// A dense norm's channels [begin, end), m > 0 (core::dense_statistics): sigma, a and b into
+// coef[c][3], then the spread, in one loop.
 template <core::NormKind kKind>
-void dense_channels(int64_t begin, int64_t end, int64_t m, double eps, double p, double lp_constant,
-                    const double* __restrict deviation, const double* __restrict phi,
-                    const double* __restrict weight, double* __restrict invstd, double* __restrict scale,
-                    double* __restrict coef, double* __restrict unbiased) {
+LPNORM_NOINLINE void dense_channels(int64_t begin, int64_t end, int64_t m, double eps, double p, double lp_constant,
+                                    const double* __restrict deviation, const double* __restrict phi,
+                                    const double* __restrict weight, double* __restrict coef,
+                                    double* __restrict invstd, double* __restrict scale,
+                                    double* __restrict unbiased) {
   for (int64_t c = begin; c < end; ++c) {
     core::ChannelStatistics stats;
     core::dense_statistics(kKind, static_cast<double>(m), p, lp_constant, deviation[c], phi[c], stats);
-    core::spread_from_sigma(m, eps, stats);
-    invstd[c] = stats.invstd;
-    scale[c] = stats.invstd * weight[c];
     coef[3 * c] = stats.sigma;
     coef[3 * c + 1] = stats.phi_scale;
     coef[3 * c + 2] = stats.phi_offset;
-    unbiased[c] = stats.unbiased_var;
+    spread_channel(c, m, eps, stats, weight, invstd, scale, unbiased);
+  }
+}
+
+// The spread of channels [begin, end), m > 0, from the sigma in coef[c][0] (the extreme norms:
+// their sigma comes channel by channel from the candidate lists).
+LPNORM_NOINLINE void spread_channels(int64_t begin, int64_t end, int64_t m, double eps, const double* __restrict coef,
+                                     const double* __restrict weight, double* __restrict invstd,
+                                     double* __restrict scale, double* __restrict unbiased) {
+  for (int64_t c = begin; c < end; ++c) {
+    core::ChannelStatistics stats;
+    stats.sigma = coef[3 * c];
+    spread_channel(c, m, eps, stats, weight, invstd, scale, unbiased);
   }
 }
 
@@ -204,9 +232,8 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       return {layout, dtype, xp, mean.data(), spec.phi(), spec.deviation_power(),
               deviation.data() + part * channels, phi.data() + part * channels};
     };
-    // Channel c's statistics from the combined sums (part 0 of each buffer); `pool` is
-    // scratch for the top-k pick.
-    auto finish = [&](int64_t c, core::Deviation* pool) {
+    // What the passes collected for channel c (part 0 of each buffer: the combined sums).
+    auto sums_of = [&](int64_t c) {
       core::ChannelSums sums;
       sums.count = m;
       sums.sum = shifted ? mean[c] * static_cast<double>(m) : sum[c];  // l2's sum is shifted
@@ -215,26 +242,42 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       sums.largest = largest.data() + c * lists;
       sums.smallest = smallest.data() + c * lists;
       if (pick_in_pass && picked[c * per_end].index != -1) sums.picked = picked.data() + c * per_end;
-      const core::ChannelStatistics stats =
-          core::channel_statistics_with(spec, sums, eps, constants, index + c * cols, sparse.data() + c * cols, pool);
-      invstd[c] = stats.invstd;
-      scale[c] = stats.invstd * w[c];
+      return sums;
+    };
+    auto keep_coef = [&](int64_t c, const core::ChannelStatistics& stats) {
       coef[3 * c] = stats.sigma;
       coef[3 * c + 1] = stats.phi_scale;
       coef[3 * c + 2] = stats.phi_offset;
-      unbiased[c] = stats.unbiased_var;
     };
-    // finish of channels [begin, end); dense norms' in one vectorized loop.
+    // The statistics of channels [begin, end): sigma, a, b (and the sparse terms) channel by
+    // channel, or in one loop for the dense norms, then invstd in one loop. `pool` is scratch
+    // for the top-k pick.
     auto finish_channels = [&](int64_t begin, int64_t end, core::Deviation* pool) {
+      if (m == 0) {  // the empty batch's statistics
+        for (int64_t c = begin; c < end; ++c) {
+          const core::ChannelStatistics stats = core::channel_statistics_with(
+              spec, sums_of(c), eps, constants, index + c * cols, sparse.data() + c * cols, pool);
+          keep_coef(c, stats);
+          invstd[c] = stats.invstd;
+          scale[c] = stats.invstd * w[c];
+          unbiased[c] = stats.unbiased_var;
+        }
+        return;
+      }
       auto dense_loop = [&](auto kind) {
         dense_channels<decltype(kind)::value>(begin, end, m, eps, spec.p, constants.lp_constant, deviation.data(),
-                                              phi.data(), w.data(), invstd.data(), scale.data(), coef.data(),
+                                              phi.data(), w.data(), coef.data(), invstd.data(), scale.data(),
                                               unbiased.data());
       };
-      if (m > 0 && spec.kind == core::NormKind::L2) return dense_loop(std::integral_constant<core::NormKind, core::NormKind::L2>{});
-      if (m > 0 && spec.kind == core::NormKind::L1) return dense_loop(std::integral_constant<core::NormKind, core::NormKind::L1>{});
-      if (m > 0 && spec.kind == core::NormKind::P) return dense_loop(std::integral_constant<core::NormKind, core::NormKind::P>{});
-      for (int64_t c = begin; c < end; ++c) finish(c, pool);
+      using Kind = core::NormKind;
+      if (spec.kind == Kind::L2) return dense_loop(std::integral_constant<Kind, Kind::L2>{});
+      if (spec.kind == Kind::L1) return dense_loop(std::integral_constant<Kind, Kind::L1>{});
+      if (spec.kind == Kind::P) return dense_loop(std::integral_constant<Kind, Kind::P>{});
+      for (int64_t c = begin; c < end; ++c) {
+        keep_coef(c, core::channel_sigma_with(spec, sums_of(c), constants, index + c * cols, sparse.data() + c * cols,
+                                              pool));
+      }
+      spread_channels(begin, end, m, eps, coef.data(), w.data(), invstd.data(), scale.data(), unbiased.data());
     };
 
     if (plan.fused) {  // every pass of a tile (one channel, or a span of channels) while in cache
