@@ -38,6 +38,15 @@ cpu::Dtype cpu_dtype(at::ScalarType type) {
   }
 }
 
+// out[i] = p[i * stride] in double; a loop of its own where stride is 1, which vectorizes.
+void widen(const float* p, int64_t stride, int64_t count, double* out) {
+  if (stride == 1) {
+    for (int64_t i = 0; i < count; ++i) out[i] = p[i];
+  } else {
+    for (int64_t i = 0; i < count; ++i) out[i] = p[i * stride];
+  }
+}
+
 // A per-channel tensor (1-d, any stride; or any shape, contiguous: the saved [C, cols]
 // tensors, read without a reshape, which is a dispatcher call) as `count` float64 values, or
 // `fallback` when it is absent.
@@ -48,8 +57,7 @@ Values<double> per_channel(Scratch& scratch, const OptionalTensor& tensor, int64
   const bool direct = t.dim() == 1 || t.is_contiguous();
   const int64_t stride = t.dim() == 1 ? t.stride(0) : 1;
   if (direct && t.scalar_type() == at::kFloat) {
-    const float* p = t.const_data_ptr<float>();
-    for (int64_t i = 0; i < count; ++i) values[i] = p[i * stride];
+    widen(t.const_data_ptr<float>(), stride, count, values.data());
   } else if (direct && t.scalar_type() == at::kDouble) {
     const double* p = t.const_data_ptr<double>();
     for (int64_t i = 0; i < count; ++i) values[i] = p[i * stride];
@@ -153,6 +161,20 @@ LPNORM_NOINLINE void spread_channels(int64_t begin, int64_t end, int64_t m, doub
     core::ChannelStatistics stats;
     stats.sigma = coef[3 * c];
     spread_channel(c, m, eps, stats, weight, invstd, scale, unbiased);
+  }
+}
+
+// The backward's per-channel step (core::grad_coefficients) of channels [begin, end), and
+// grad_weight = sum(g * d) * invstd: one vectorized loop.
+LPNORM_NOINLINE void grad_channels(int64_t begin, int64_t end, bool batch_stats, int64_t m,
+                                   const double* __restrict weight, const double* __restrict invstd,
+                                   const double* __restrict coef, const double* __restrict sum_g,
+                                   const double* __restrict sum_gd, core::GradCoefficients* __restrict grad_coef,
+                                   double* __restrict grad_weight) {
+  for (int64_t c = begin; c < end; ++c) {
+    grad_coef[c] = core::grad_coefficients(batch_stats, m, weight[c], invstd[c], coef[3 * c], coef[3 * c + 1],
+                                           coef[3 * c + 2], sum_g[c], sum_gd[c]);
+    grad_weight[c] = sum_gd[c] * invstd[c];
   }
 }
 
@@ -378,10 +400,9 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
                          sum_g.data() + part * channels, sum_gd.data() + part * channels},
                         t);
   };
-  auto finish = [&](int64_t c) {
-    grad_coef[c] = core::grad_coefficients(training, m, w[c], invstd[c], coef[3 * c], coef[3 * c + 1],
-                                           coef[3 * c + 2], sum_g[c], sum_gd[c]);
-    grad_weight[c] = sum_gd[c] * invstd[c];
+  auto finish = [&](int64_t begin, int64_t end) {
+    grad_channels(begin, end, training, m, w.data(), invstd.data(), coef.data(), sum_g.data(), sum_gd.data(),
+                  grad_coef.data(), grad_weight.data());
   };
   auto apply = [&](const Tile& t) {
     kernels.apply_grad({layout, dtype, grad.const_data_ptr(), x.const_data_ptr(), grad_input.mutable_data_ptr(),
@@ -393,7 +414,7 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
   if (plan.fused) {
     for_each_tile(plan, [&](const Tile& t, int64_t) {
       reduce(t, 0);
-      for (int64_t c = t.c_begin; c < t.c_end; ++c) finish(c);
+      finish(t.c_begin, t.c_end);
       apply(t);
     });
   } else {
@@ -411,7 +432,7 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
       combine_sums(sum_g.data(), channels, plan.parts);
       combine_sums(sum_gd.data(), channels, plan.parts);
     }
-    for (int64_t c = 0; c < channels; ++c) finish(c);
+    finish(0, channels);
     for_each_tile(make_apply_plan(layout, x.element_size(), std::move(plan)), [&](const Tile& t, int64_t) { apply(t); });
   }
   sum_g.count = channels;  // part 0: the combined sums
