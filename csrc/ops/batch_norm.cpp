@@ -1,4 +1,5 @@
 #include "ops/batch_norm.h"
+#include "ops/clones.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -200,15 +201,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> empty_saved(const Tensor& inp
 
 namespace {
 
-// One loop per target: std::fma is one instruction where the CPU has FMA and a libm call per
-// element where it has not (2-3 ns a channel and buffer: 5 us of a (256, 1024) forward); the
-// bits are the same either way.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#define LPNORM_FMA_CLONES __attribute__((target_clones("fma", "default")))
-#else
-#define LPNORM_FMA_CLONES
-#endif
-
+// std::fma is one instruction where the CPU has FMA and a libm call per element where it has
+// not (2-3 ns a channel and buffer: 5 us of a (256, 1024) forward): one loop per target
+// (LPNORM_FMA_CLONES), the bits the same either way.
 // running[c * stride] = momentum * batch[c] + (1 - momentum) * running[c * stride], in double.
 template <typename T>
 LPNORM_FMA_CLONES void blend_running(T* running, int64_t stride, const double* batch, int64_t channels,

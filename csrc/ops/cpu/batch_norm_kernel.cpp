@@ -18,6 +18,7 @@
 #include "cpu/half_accumulation.h"
 #include "cpu/kernels.h"
 #include "ops/batch_norm.h"
+#include "ops/clones.h"
 #include "ops/cpu/parallel.h"
 #include "ops/cpu/plan.h"
 #include "ops/cpu/scratch.h"
@@ -85,17 +86,15 @@ Tensor values_tensor(Values<double> values, const Tensor& like, at::ScalarType d
   return direct ? out : out.to(dtype);
 }
 
-// The per-channel loops below are out of line (LPNORM_NOINLINE), so they are compiled once,
-// with their pointers' __restrict: inlined into the schedules' lambdas, some copies lost it
-// and were not vectorized.
-#define LPNORM_NOINLINE __attribute__((noinline))
-
+// The per-channel loops below are out of line (LPNORM_VECTOR_CLONES: compiled once per
+// instruction set, with their pointers' __restrict; inlined into the schedules' lambdas, some
+// copies lost it and were not vectorized).
 // Channels [begin, end): the means from collect_stats' sums, and where l2 took shifted sums
 // (pivot not null) its deviation sums: sum d^2 = sum (x - p)^2 - (sum (x - p))^2 / m, kept
 // where that loses at most 2 bits (the shift p - mean at most sqrt(3) sigma; with p the mean
 // of 8 elements, a Gaussian channel fails once in 10^6). Returns whether every channel's was
 // kept; if not, the deviation pass sums them all again. One loop the compiler vectorizes.
-LPNORM_NOINLINE bool means_from_sums(int64_t begin, int64_t end, int64_t m, const double* __restrict sum,
+LPNORM_VECTOR_CLONES bool means_from_sums(int64_t begin, int64_t end, int64_t m, const double* __restrict sum,
                      const double* __restrict pivot, const double* __restrict sum_sq, double* __restrict mean,
                      double* __restrict deviation, double* __restrict phi) {
   if (m == 0) {
@@ -137,7 +136,7 @@ LPNORM_INLINE void spread_channel(int64_t c, int64_t m, double eps, core::Channe
 // A dense norm's channels [begin, end), m > 0 (core::dense_statistics): sigma, a and b into
 // coef[c][3], then the spread, in one loop.
 template <core::NormKind kKind>
-LPNORM_NOINLINE void dense_channels(int64_t begin, int64_t end, int64_t m, double eps, double p, double lp_constant,
+LPNORM_VECTOR_CLONES void dense_channels(int64_t begin, int64_t end, int64_t m, double eps, double p, double lp_constant,
                                     const double* __restrict deviation, const double* __restrict phi,
                                     const double* __restrict weight, double* __restrict coef,
                                     double* __restrict invstd, double* __restrict scale,
@@ -154,7 +153,7 @@ LPNORM_NOINLINE void dense_channels(int64_t begin, int64_t end, int64_t m, doubl
 
 // The spread of channels [begin, end), m > 0, from the sigma in coef[c][0] (the extreme norms:
 // their sigma comes channel by channel from the candidate lists).
-LPNORM_NOINLINE void spread_channels(int64_t begin, int64_t end, int64_t m, double eps, const double* __restrict coef,
+LPNORM_VECTOR_CLONES void spread_channels(int64_t begin, int64_t end, int64_t m, double eps, const double* __restrict coef,
                                      const double* __restrict weight, double* __restrict invstd,
                                      double* __restrict scale, double* __restrict unbiased) {
   for (int64_t c = begin; c < end; ++c) {
@@ -166,7 +165,7 @@ LPNORM_NOINLINE void spread_channels(int64_t begin, int64_t end, int64_t m, doub
 
 // The backward's per-channel step (core::grad_coefficients) of channels [begin, end), and
 // grad_weight = sum(g * d) * invstd: one vectorized loop.
-LPNORM_NOINLINE void grad_channels(int64_t begin, int64_t end, bool batch_stats, int64_t m,
+LPNORM_VECTOR_CLONES void grad_channels(int64_t begin, int64_t end, bool batch_stats, int64_t m,
                                    const double* __restrict weight, const double* __restrict invstd,
                                    const double* __restrict coef, const double* __restrict sum_g,
                                    const double* __restrict sum_gd, core::GradCoefficients* __restrict grad_coef,
