@@ -296,7 +296,8 @@ LPNORM_HOST_DEVICE LPNORM_INLINE void dense_statistics(NormKind kind, double m, 
 LPNORM_HOST_DEVICE LPNORM_INLINE void spread_from_sigma(int64_t count, double eps, ChannelStatistics& stats) {
   const double variance = stats.sigma * stats.sigma;
   stats.invstd = 1.0 / std::sqrt(variance + eps);
-  stats.unbiased_var = count > 1 ? variance * static_cast<double>(count) / (static_cast<double>(count) - 1.0) : variance;
+  const double m = static_cast<double>(count);
+  stats.unbiased_var = count > 1 ? variance * m / (m - 1.0) : variance;
 }
 
 // The first part of channel_statistics_with, for a channel of count > 0 elements: the mean,

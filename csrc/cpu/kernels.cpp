@@ -75,11 +75,14 @@ void collect_stats(const StatsArgs& a, const Tile* tiles, int64_t count) {
           a.pivot[c] += static_cast<double>(core::Element<T>::load(row[c * l.stride_c]));
         }
       }
-      // (first >= 1: the tile has rows.) One loop per step, each vectorized.
+      // The mean of those (first >= 1: the tile has rows), then its copies for the other
+      // parts: loops of their own, which vectorize.
       for (int64_t c = t.c_begin; c < t.c_end; ++c) {
         a.pivot[c] = static_cast<double>(static_cast<AccOf<T>>(a.pivot[c] / static_cast<double>(first)));
       }
-      for (int64_t j = 1; j < count; ++j) std::copy(a.pivot + t.c_begin, a.pivot + t.c_end, a.pivot + j * C + t.c_begin);
+      for (int64_t j = 1; j < count; ++j) {
+        std::copy(a.pivot + t.c_begin, a.pivot + t.c_end, a.pivot + j * C + t.c_begin);
+      }
       reduce_parts<T>(a.layout, parts, a.x, a.pivot, ShiftedSumsOp{}, NoExtremes{}, a.sum, a.sum_sq);
     } else if (a.per_end > 0) {
       const Extremes<AccOf<T>> ext{a.largest, a.smallest, a.chunks, a.per_end, a.layout.count() / a.chunks,

@@ -86,17 +86,23 @@ Tensor values_tensor(Values<double> values, const Tensor& like, at::ScalarType d
   return direct ? out : out.to(dtype);
 }
 
-// The per-channel loops below are out of line (LPNORM_VECTOR_CLONES: compiled once per
-// instruction set, with their pointers' __restrict; inlined into the schedules' lambdas, some
-// copies lost it and were not vectorized).
+// ---- per-channel steps ---------------------------------------------------------------------
+//
+// Loops over a tile's channels and plain arrays that the compiler vectorizes. Channel by
+// channel, each one's chain of divisions and square roots waited on the last: about 11 ns a
+// channel for l2, 30 for linf, more than the passes themselves on (2, 4096). They are out of
+// line (LPNORM_VECTOR_CLONES: built once per instruction set, with their pointers' __restrict;
+// inlined into the schedules' lambdas, some copies lost it and were left scalar).
+
 // Channels [begin, end): the means from collect_stats' sums, and where l2 took shifted sums
 // (pivot not null) its deviation sums: sum d^2 = sum (x - p)^2 - (sum (x - p))^2 / m, kept
 // where that loses at most 2 bits (the shift p - mean at most sqrt(3) sigma; with p the mean
 // of 8 elements, a Gaussian channel fails once in 10^6). Returns whether every channel's was
-// kept; if not, the deviation pass sums them all again. One loop the compiler vectorizes.
+// kept; if not, the deviation pass sums them all again.
 LPNORM_VECTOR_CLONES bool means_from_sums(int64_t begin, int64_t end, int64_t m, const double* __restrict sum,
-                     const double* __restrict pivot, const double* __restrict sum_sq, double* __restrict mean,
-                     double* __restrict deviation, double* __restrict phi) {
+                                          const double* __restrict pivot, const double* __restrict sum_sq,
+                                          double* __restrict mean, double* __restrict deviation,
+                                          double* __restrict phi) {
   if (m == 0) {
     std::fill(mean + begin, mean + end, 0.0);
     return false;
@@ -118,10 +124,6 @@ LPNORM_VECTOR_CLONES bool means_from_sums(int64_t begin, int64_t end, int64_t m,
   return lossy == 0;
 }
 
-// The per-channel step in loops over plain arrays that the compiler vectorizes. Channel by
-// channel, each one's chain of divisions and square roots waited on the last: about 11 ns a
-// channel for l2, 30 for linf, more than the passes themselves on (2, 4096).
-//
 // invstd, scale = invstd * weight and the unbiased variance from sigma (core::spread_from_sigma)
 // of a channel of m > 0 elements.
 LPNORM_INLINE void spread_channel(int64_t c, int64_t m, double eps, core::ChannelStatistics& stats,
@@ -136,11 +138,11 @@ LPNORM_INLINE void spread_channel(int64_t c, int64_t m, double eps, core::Channe
 // A dense norm's channels [begin, end), m > 0 (core::dense_statistics): sigma, a and b into
 // coef[c][3], then the spread, in one loop.
 template <core::NormKind kKind>
-LPNORM_VECTOR_CLONES void dense_channels(int64_t begin, int64_t end, int64_t m, double eps, double p, double lp_constant,
-                                    const double* __restrict deviation, const double* __restrict phi,
-                                    const double* __restrict weight, double* __restrict coef,
-                                    double* __restrict invstd, double* __restrict scale,
-                                    double* __restrict unbiased) {
+LPNORM_VECTOR_CLONES void dense_channels(int64_t begin, int64_t end, int64_t m, double eps, double p,
+                                         double lp_constant, const double* __restrict deviation,
+                                         const double* __restrict phi, const double* __restrict weight,
+                                         double* __restrict coef, double* __restrict invstd,
+                                         double* __restrict scale, double* __restrict unbiased) {
   for (int64_t c = begin; c < end; ++c) {
     core::ChannelStatistics stats;
     core::dense_statistics(kKind, static_cast<double>(m), p, lp_constant, deviation[c], phi[c], stats);
@@ -153,9 +155,10 @@ LPNORM_VECTOR_CLONES void dense_channels(int64_t begin, int64_t end, int64_t m, 
 
 // The spread of channels [begin, end), m > 0, from the sigma in coef[c][0] (the extreme norms:
 // their sigma comes channel by channel from the candidate lists).
-LPNORM_VECTOR_CLONES void spread_channels(int64_t begin, int64_t end, int64_t m, double eps, const double* __restrict coef,
-                                     const double* __restrict weight, double* __restrict invstd,
-                                     double* __restrict scale, double* __restrict unbiased) {
+LPNORM_VECTOR_CLONES void spread_channels(int64_t begin, int64_t end, int64_t m, double eps,
+                                          const double* __restrict coef, const double* __restrict weight,
+                                          double* __restrict invstd, double* __restrict scale,
+                                          double* __restrict unbiased) {
   for (int64_t c = begin; c < end; ++c) {
     core::ChannelStatistics stats;
     stats.sigma = coef[3 * c];
@@ -164,12 +167,12 @@ LPNORM_VECTOR_CLONES void spread_channels(int64_t begin, int64_t end, int64_t m,
 }
 
 // The backward's per-channel step (core::grad_coefficients) of channels [begin, end), and
-// grad_weight = sum(g * d) * invstd: one vectorized loop.
+// grad_weight = sum(g * d) * invstd.
 LPNORM_VECTOR_CLONES void grad_channels(int64_t begin, int64_t end, bool batch_stats, int64_t m,
-                                   const double* __restrict weight, const double* __restrict invstd,
-                                   const double* __restrict coef, const double* __restrict sum_g,
-                                   const double* __restrict sum_gd, core::GradCoefficients* __restrict grad_coef,
-                                   double* __restrict grad_weight) {
+                                        const double* __restrict weight, const double* __restrict invstd,
+                                        const double* __restrict coef, const double* __restrict sum_g,
+                                        const double* __restrict sum_gd, core::GradCoefficients* __restrict grad_coef,
+                                        double* __restrict grad_weight) {
   for (int64_t c = begin; c < end; ++c) {
     grad_coef[c] = core::grad_coefficients(batch_stats, m, weight[c], invstd[c], coef[3 * c], coef[3 * c + 1],
                                            coef[3 * c + 2], sum_g[c], sum_gd[c]);
