@@ -52,8 +52,8 @@ void widen(const float* p, int64_t stride, int64_t count, double* out) {
 // tensors, read without a reshape, which is a dispatcher call) as `count` float64 values, or
 // `fallback` when it is absent.
 Values<double> per_channel(Scratch& scratch, const OptionalTensor& tensor, int64_t count, double fallback) {
-  const Values<double> values = scratch.take<double>(count, fallback);
-  if (!tensor.has_value() || !tensor->defined()) return values;
+  if (!tensor.has_value() || !tensor->defined()) return scratch.take<double>(count, fallback);
+  const Values<double> values = scratch.take_unset<double>(count);  // every branch below sets all
   const Tensor& t = *tensor;
   const bool direct = t.dim() == 1 || t.is_contiguous();
   const int64_t stride = t.dim() == 1 ? t.stride(0) : 1;
