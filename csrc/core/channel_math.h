@@ -206,65 +206,106 @@ LPNORM_HOST_DEVICE inline int64_t pick_largest_deviations(const Candidate* large
   return count;
 }
 
+}  // namespace detail
+
+// The sparse coefficients' scales of an extreme norm, the same for every channel: d sigma / d
+// raw per chunk (`unit`), and per pick where raw is the mean of sparse_per_chunk |d|.
+struct ExtremeScales {
+  double unit;
+  double per_pick;
+};
+LPNORM_HOST_DEVICE LPNORM_INLINE ExtremeScales extreme_scales(const NormSpec& spec, double divisor) {
+  const double unit = 1.0 / (static_cast<double>(spec.chunks) * divisor);
+  return {unit, unit / static_cast<double>(spec.sparse_per_chunk())};
+}
+
+// One chunk of an extreme norm: its picks (the largest |x - mean|: `picked` where the backend
+// picked them, else from its lists) or its max and min, into the chunk's sparse terms, each
+// coefficient also added to coef_sum in order. Returns the chunk's raw statistic before the
+// division by the picks' count (raw_statistic): the sum of their |d|, or max - min.
+template <typename Coef>
+LPNORM_HOST_DEVICE double chunk_extremes(const NormSpec& spec, const Candidate* largest, const Candidate* smallest,
+                                         const Deviation* picked, double mean, double unit, double per_pick,
+                                         int64_t* index, Coef* coef, Deviation* pool, double& coef_sum) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const int64_t per_end = spec.extremes_per_end();
+  const int64_t per_chunk = spec.sparse_per_chunk();
+  if (spec.kind == NormKind::Range) {
+    // max - min needs no mean; a channel of NaNs has no candidates and gives NaN.
+    const bool found = largest[0].index != kNoIndex && smallest[0].index != kNoIndex;
+    index[0] = found ? largest[0].index : 0;
+    index[1] = found ? smallest[0].index : 0;
+    const double c0 = found ? unit : nan, c1 = found ? -unit : nan;
+    coef[0] = static_cast<Coef>(c0);
+    coef[1] = static_cast<Coef>(c1);
+    coef_sum += c0;
+    coef_sum += c1;
+    return found ? largest[0].value + smallest[0].value : nan;
+  }
+  int64_t top = 0;
+  if (picked != nullptr) {
+    while (top < per_chunk && picked[top].index != kNoIndex) ++top;
+  } else {
+    top = detail::pick_largest_deviations(largest, smallest, per_end, per_chunk, mean, pool);
+    picked = pool;
+  }
+  double total = 0;
+  for (int64_t i = 0; i < per_chunk; ++i) {
+    const bool found = i < top;
+    total += found ? picked[i].magnitude : nan;
+    index[i] = found ? picked[i].index : 0;
+    const double c = found ? sign_of(picked[i].x - mean) * per_pick : nan;
+    coef[i] = static_cast<Coef>(c);
+    coef_sum += c;
+  }
+  return total;
+}
+
+// A chunk's raw statistic from chunk_extremes' result: the mean of the picks' |d|, or max - min.
+LPNORM_HOST_DEVICE LPNORM_INLINE double raw_statistic(NormKind kind, double numerator, int64_t per_chunk) {
+  return kind == NormKind::Range ? numerator : numerator / static_cast<double>(per_chunk);
+}
+
+// sigma, the mean over chunks of raw / divisor (summed in sigma_sum), and b: every d_i also
+// moves through the mean, -(1/m) * the sum of the sparse coefficients.
+LPNORM_HOST_DEVICE LPNORM_INLINE void extreme_sigma(double sigma_sum, double coef_sum, int64_t chunks, int64_t count,
+                                                    ChannelStatistics& stats) {
+  stats.sigma = sigma_sum / static_cast<double>(chunks);
+  stats.phi_offset = -coef_sum / static_cast<double>(count);
+}
+
+// extreme_statistics' last steps for one chunk, from chunk_extremes' result and coef_sum: a
+// backend may run them over many channels at once.
+LPNORM_HOST_DEVICE LPNORM_INLINE void one_chunk_sigma(NormKind kind, double numerator, double coef_sum,
+                                                      int64_t per_chunk, double divisor, int64_t count,
+                                                      ChannelStatistics& stats) {
+  double sigma_sum = 0;
+  sigma_sum += raw_statistic(kind, numerator, per_chunk) / divisor;
+  extreme_sigma(sigma_sum, coef_sum, 1, count, stats);
+}
+
 // linf, topk and range: sigma is the mean over chunks of a raw extreme statistic divided by
 // its expected value for unit Gaussians; the gradient is sparse at the extremes.
 template <typename Coef>
 LPNORM_HOST_DEVICE void extreme_statistics(const NormSpec& spec, const ChannelSums& sums, double divisor,
                                            ChannelStatistics& stats, int64_t* sparse_index, Coef* sparse_coef,
                                            Deviation* pool) {
-  const double nan = std::numeric_limits<double>::quiet_NaN();
   const int64_t chunks = spec.chunks;
   const int64_t per_end = spec.extremes_per_end();
   const int64_t per_chunk = spec.sparse_per_chunk();
-  const double unit = 1.0 / (static_cast<double>(chunks) * divisor);  // d sigma / d raw
-  const double per_pick = unit / static_cast<double>(per_chunk);  // raw is a mean of per_chunk |d|
+  const ExtremeScales scales = extreme_scales(spec, divisor);
 
   double sigma_sum = 0;
   double coef_sum = 0;
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const Candidate* largest = sums.largest + chunk * per_end;
-    const Candidate* smallest = sums.smallest + chunk * per_end;
-    int64_t* index = sparse_index + chunk * per_chunk;
-    Coef* coef = sparse_coef + chunk * per_chunk;
-    double raw;
-    if (spec.kind == NormKind::Range) {
-      // max - min needs no mean; a channel of NaNs has no candidates and gives NaN.
-      const bool found = largest[0].index != kNoIndex && smallest[0].index != kNoIndex;
-      raw = found ? largest[0].value + smallest[0].value : nan;
-      index[0] = found ? largest[0].index : 0;
-      index[1] = found ? smallest[0].index : 0;
-      const double c0 = found ? unit : nan, c1 = found ? -unit : nan;
-      coef[0] = static_cast<Coef>(c0);
-      coef[1] = static_cast<Coef>(c1);
-      coef_sum += c0;
-      coef_sum += c1;
-    } else {
-      const Deviation* picked = sums.picked != nullptr ? sums.picked : pool;
-      int64_t top = 0;
-      if (sums.picked != nullptr) {
-        while (top < per_chunk && picked[top].index != kNoIndex) ++top;
-      } else {
-        top = pick_largest_deviations(largest, smallest, per_end, per_chunk, stats.mean, pool);
-      }
-      double total = 0;
-      for (int64_t i = 0; i < per_chunk; ++i) {
-        const bool found = i < top;
-        total += found ? picked[i].magnitude : nan;
-        index[i] = found ? picked[i].index : 0;
-        const double c = found ? sign_of(picked[i].x - stats.mean) * per_pick : nan;
-        coef[i] = static_cast<Coef>(c);
-        coef_sum += c;
-      }
-      raw = total / static_cast<double>(per_chunk);
-    }
-    sigma_sum += raw / divisor;
+    const double numerator = chunk_extremes(spec, sums.largest + chunk * per_end, sums.smallest + chunk * per_end,
+                                            sums.picked, stats.mean, scales.unit, scales.per_pick, sparse_index + chunk * per_chunk,
+                                            sparse_coef + chunk * per_chunk, pool, coef_sum);
+    sigma_sum += raw_statistic(spec.kind, numerator, per_chunk) / divisor;
   }
-  stats.sigma = sigma_sum / static_cast<double>(chunks);
-  // Every d_i also moves through the mean: -(1/m) * sum of the sparse coefficients.
-  stats.phi_offset = -coef_sum / static_cast<double>(sums.count);
+  extreme_sigma(sigma_sum, coef_sum, chunks, sums.count, stats);
 }
 
-}  // namespace detail
 
 // Dense norms (l2, l1, p): sigma and the gradient's a and b from a channel's m elements and
 // its sums of |d|^q and phi(d). Plain values in and out, so a backend can run it over many
@@ -313,7 +354,7 @@ LPNORM_HOST_DEVICE ChannelStatistics channel_sigma_with(const NormSpec& spec, co
     dense_statistics(spec.kind, static_cast<double>(sums.count), spec.p, constants.lp_constant, sums.deviation_sum,
                      sums.phi_sum, stats);
   } else {
-    detail::extreme_statistics(spec, sums, constants.extreme_divisor, stats, sparse_index, sparse_coef, pool);
+    extreme_statistics(spec, sums, constants.extreme_divisor, stats, sparse_index, sparse_coef, pool);
   }
   return stats;
 }

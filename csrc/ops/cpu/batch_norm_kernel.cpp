@@ -153,8 +153,26 @@ LPNORM_VECTOR_CLONES void dense_channels(int64_t begin, int64_t end, int64_t m, 
   }
 }
 
-// The spread of channels [begin, end), m > 0, from the sigma in coef[c][0] (the extreme norms:
-// their sigma comes channel by channel from the candidate lists).
+// An extreme norm's channels [begin, end) with one chunk, m > 0 (core::one_chunk_sigma): sigma
+// and b from each channel's chunk_extremes result and coefficient sum into coef[c][3], then
+// the spread, in one loop (channel by channel, the divisions' chain made linf 30 ns a channel).
+LPNORM_VECTOR_CLONES void extreme_channels(int64_t begin, int64_t end, int64_t m, double eps, core::NormKind kind,
+                                           int64_t per_chunk, double divisor, const double* __restrict numerator,
+                                           const double* __restrict coef_sum, const double* __restrict weight,
+                                           double* __restrict coef, double* __restrict invstd,
+                                           double* __restrict scale, double* __restrict unbiased) {
+  for (int64_t c = begin; c < end; ++c) {
+    core::ChannelStatistics stats;
+    core::one_chunk_sigma(kind, numerator[c], coef_sum[c], per_chunk, divisor, m, stats);
+    coef[3 * c] = stats.sigma;
+    coef[3 * c + 1] = stats.phi_scale;
+    coef[3 * c + 2] = stats.phi_offset;
+    spread_channel(c, m, eps, stats, weight, invstd, scale, unbiased);
+  }
+}
+
+// The spread of channels [begin, end), m > 0, from the sigma in coef[c][0] (the extreme norms with
+// chunks: their sigma comes channel by channel from the candidate lists).
 LPNORM_VECTOR_CLONES void spread_channels(int64_t begin, int64_t end, int64_t m, double eps,
                                           const double* __restrict coef, const double* __restrict weight,
                                           double* __restrict invstd, double* __restrict scale,
@@ -233,6 +251,10 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
     // The fused topk forward: the stats pass may pick channels' largest |x - mean| itself.
     const bool pick_in_pass = plan.fused && spec.kind == core::NormKind::TopK && spec.chunks == 1;
     const Values<core::Deviation> picked = scratch.take_unset<core::Deviation>(pick_in_pass ? channels * per_end : 0);
+    // One-chunk extreme norms: each channel's chunk_extremes result and coefficient sum.
+    const bool one_chunk = !dense && spec.chunks == 1;
+    const Values<double> numerator = scratch.take_unset<double>(one_chunk ? channels : 0);
+    const Values<double> coef_sum = scratch.take_unset<double>(numerator.count);
 
     auto stats_args = [&](int64_t part) -> cpu::StatsArgs {
       return {layout,
@@ -256,6 +278,10 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       return {layout, dtype, xp, mean.data(), spec.phi(), spec.deviation_power(),
               deviation.data() + part * channels, phi.data() + part * channels};
     };
+    // Channel c's largest |x - mean| where the stats pass picked them (null: from its lists).
+    auto picked_of = [&](int64_t c) -> const core::Deviation* {
+      return pick_in_pass && picked[c * per_end].index != -1 ? picked.data() + c * per_end : nullptr;
+    };
     // What the passes collected for channel c (part 0 of each buffer: the combined sums).
     auto sums_of = [&](int64_t c) {
       core::ChannelSums sums;
@@ -265,7 +291,7 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       sums.phi_sum = phi[c];
       sums.largest = largest.data() + c * lists;
       sums.smallest = smallest.data() + c * lists;
-      if (pick_in_pass && picked[c * per_end].index != -1) sums.picked = picked.data() + c * per_end;
+      sums.picked = picked_of(c);
       return sums;
     };
     auto keep_coef = [&](int64_t c, const core::ChannelStatistics& stats) {
@@ -297,6 +323,20 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       if (spec.kind == Kind::L2) return dense_loop(std::integral_constant<Kind, Kind::L2>{});
       if (spec.kind == Kind::L1) return dense_loop(std::integral_constant<Kind, Kind::L1>{});
       if (spec.kind == Kind::P) return dense_loop(std::integral_constant<Kind, Kind::P>{});
+      if (one_chunk) {
+        const core::ExtremeScales scales = core::extreme_scales(spec, constants.extreme_divisor);
+        for (int64_t c = begin; c < end; ++c) {
+          double sum_of_coefs = 0;
+          numerator[c] = core::chunk_extremes(spec, largest.data() + c * lists, smallest.data() + c * lists,
+                                              picked_of(c), mean[c], scales.unit, scales.per_pick, index + c * cols,
+                                              sparse.data() + c * cols, pool, sum_of_coefs);
+          coef_sum[c] = sum_of_coefs;
+        }
+        extreme_channels(begin, end, m, eps, spec.kind, spec.sparse_per_chunk(), constants.extreme_divisor,
+                         numerator.data(), coef_sum.data(), w.data(), coef.data(), invstd.data(), scale.data(),
+                         unbiased.data());
+        return;
+      }
       for (int64_t c = begin; c < end; ++c) {
         keep_coef(c, core::channel_sigma_with(spec, sums_of(c), constants, index + c * cols, sparse.data() + c * cols,
                                               pool));
