@@ -298,14 +298,14 @@ LPNORM_HOST_DEVICE void extreme_statistics(const NormSpec& spec, const ChannelSu
   double sigma_sum = 0;
   double coef_sum = 0;
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const double numerator = chunk_extremes(spec, sums.largest + chunk * per_end, sums.smallest + chunk * per_end,
-                                            sums.picked, stats.mean, scales.unit, scales.per_pick, sparse_index + chunk * per_chunk,
-                                            sparse_coef + chunk * per_chunk, pool, coef_sum);
+    const double numerator =
+        chunk_extremes(spec, sums.largest + chunk * per_end, sums.smallest + chunk * per_end, sums.picked, stats.mean,
+                       scales.unit, scales.per_pick, sparse_index + chunk * per_chunk, sparse_coef + chunk * per_chunk,
+                       pool, coef_sum);
     sigma_sum += raw_statistic(spec.kind, numerator, per_chunk) / divisor;
   }
   extreme_sigma(sigma_sum, coef_sum, chunks, sums.count, stats);
 }
-
 
 // Dense norms (l2, l1, p): sigma and the gradient's a and b from a channel's m elements and
 // its sums of |d|^q and phi(d). Plain values in and out, so a backend can run it over many
