@@ -341,24 +341,6 @@ LPNORM_HOST_DEVICE LPNORM_INLINE void spread_from_sigma(int64_t count, double ep
   stats.unbiased_var = count > 1 ? variance * m / (m - 1.0) : variance;
 }
 
-// The first part of channel_statistics_with, for a channel of count > 0 elements: the mean,
-// sigma, the gradient's a and b and the sparse terms, without invstd and the unbiased
-// variance (spread_from_sigma), which a backend may compute for many channels at once.
-template <typename Coef>
-LPNORM_HOST_DEVICE ChannelStatistics channel_sigma_with(const NormSpec& spec, const ChannelSums& sums,
-                                                        const ChannelConstants& constants, int64_t* sparse_index,
-                                                        Coef* sparse_coef, Deviation* pool) {
-  ChannelStatistics stats;
-  stats.mean = channel_mean(sums);
-  if (spec.uses_deviation_sums()) {
-    dense_statistics(spec.kind, static_cast<double>(sums.count), spec.p, constants.lp_constant, sums.deviation_sum,
-                     sums.phi_sum, stats);
-  } else {
-    extreme_statistics(spec, sums, constants.extreme_divisor, stats, sparse_index, sparse_coef, pool);
-  }
-  return stats;
-}
-
 // Computes the channel's statistics from the host-computed `constants`. For norms with
 // sparse gradient terms, writes chunks * sparse_per_chunk() entries to sparse_index /
 // sparse_coef (coefficient of dsigma/dx at that index, without the mean term, which goes
@@ -367,8 +349,9 @@ template <typename Coef>
 LPNORM_HOST_DEVICE ChannelStatistics channel_statistics_with(const NormSpec& spec, const ChannelSums& sums, double eps,
                                                              const ChannelConstants& constants, int64_t* sparse_index,
                                                              Coef* sparse_coef, Deviation* pool) {
+  ChannelStatistics stats;
+  stats.mean = channel_mean(sums);
   if (sums.count == 0) {  // empty batch: nothing to normalize, nothing to differentiate
-    ChannelStatistics stats;
     const int64_t sparse_count = spec.chunks * spec.sparse_per_chunk();
     for (int64_t i = 0; i < sparse_count; ++i) {
       sparse_index[i] = 0;
@@ -377,7 +360,12 @@ LPNORM_HOST_DEVICE ChannelStatistics channel_statistics_with(const NormSpec& spe
     stats.invstd = 1.0 / std::sqrt(eps);
     return stats;
   }
-  ChannelStatistics stats = channel_sigma_with(spec, sums, constants, sparse_index, sparse_coef, pool);
+  if (spec.uses_deviation_sums()) {
+    dense_statistics(spec.kind, static_cast<double>(sums.count), spec.p, constants.lp_constant, sums.deviation_sum,
+                     sums.phi_sum, stats);
+  } else {
+    extreme_statistics(spec, sums, constants.extreme_divisor, stats, sparse_index, sparse_coef, pool);
+  }
   spread_from_sigma(sums.count, eps, stats);
   return stats;
 }

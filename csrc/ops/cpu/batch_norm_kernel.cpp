@@ -124,19 +124,21 @@ LPNORM_VECTOR_CLONES bool means_from_sums(int64_t begin, int64_t end, int64_t m,
   return lossy == 0;
 }
 
-// invstd, scale = invstd * weight and the unbiased variance from sigma (core::spread_from_sigma)
-// of a channel of m > 0 elements.
-LPNORM_INLINE void spread_channel(int64_t c, int64_t m, double eps, core::ChannelStatistics& stats,
-                                  const double* __restrict weight, double* __restrict invstd,
-                                  double* __restrict scale, double* __restrict unbiased) {
-  core::spread_from_sigma(m, eps, stats);
+// Channel c's statistics into the per-channel arrays: sigma, a and b into coef[c][3], invstd,
+// scale = invstd * weight and the unbiased variance.
+LPNORM_INLINE void keep_channel(int64_t c, const core::ChannelStatistics& stats, const double* __restrict weight,
+                                double* __restrict coef, double* __restrict invstd, double* __restrict scale,
+                                double* __restrict unbiased) {
+  coef[3 * c] = stats.sigma;
+  coef[3 * c + 1] = stats.phi_scale;
+  coef[3 * c + 2] = stats.phi_offset;
   invstd[c] = stats.invstd;
   scale[c] = stats.invstd * weight[c];
   unbiased[c] = stats.unbiased_var;
 }
 
-// A dense norm's channels [begin, end), m > 0 (core::dense_statistics): sigma, a and b into
-// coef[c][3], then the spread, in one loop.
+// A dense norm's channels [begin, end), m > 0 (core::dense_statistics, then
+// core::spread_from_sigma), in one loop.
 template <core::NormKind kKind>
 LPNORM_VECTOR_CLONES void dense_channels(int64_t begin, int64_t end, int64_t m, double eps, double p,
                                          double lp_constant, const double* __restrict deviation,
@@ -146,16 +148,15 @@ LPNORM_VECTOR_CLONES void dense_channels(int64_t begin, int64_t end, int64_t m, 
   for (int64_t c = begin; c < end; ++c) {
     core::ChannelStatistics stats;
     core::dense_statistics(kKind, static_cast<double>(m), p, lp_constant, deviation[c], phi[c], stats);
-    coef[3 * c] = stats.sigma;
-    coef[3 * c + 1] = stats.phi_scale;
-    coef[3 * c + 2] = stats.phi_offset;
-    spread_channel(c, m, eps, stats, weight, invstd, scale, unbiased);
+    core::spread_from_sigma(m, eps, stats);
+    keep_channel(c, stats, weight, coef, invstd, scale, unbiased);
   }
 }
 
-// An extreme norm's channels [begin, end) with one chunk, m > 0 (core::one_chunk_sigma): sigma
-// and b from each channel's chunk_extremes result and coefficient sum into coef[c][3], then
-// the spread, in one loop (channel by channel, the divisions' chain made linf 30 ns a channel).
+// An extreme norm's channels [begin, end) with one chunk, m > 0: sigma and b from each
+// channel's chunk_extremes result and coefficient sum (core::one_chunk_sigma), then
+// core::spread_from_sigma, in one loop (channel by channel, the divisions' chain made linf 30 ns
+// a channel).
 LPNORM_VECTOR_CLONES void extreme_channels(int64_t begin, int64_t end, int64_t m, double eps, core::NormKind kind,
                                            int64_t per_chunk, double divisor, const double* __restrict numerator,
                                            const double* __restrict coef_sum, const double* __restrict weight,
@@ -164,23 +165,8 @@ LPNORM_VECTOR_CLONES void extreme_channels(int64_t begin, int64_t end, int64_t m
   for (int64_t c = begin; c < end; ++c) {
     core::ChannelStatistics stats;
     core::one_chunk_sigma(kind, numerator[c], coef_sum[c], per_chunk, divisor, m, stats);
-    coef[3 * c] = stats.sigma;
-    coef[3 * c + 1] = stats.phi_scale;
-    coef[3 * c + 2] = stats.phi_offset;
-    spread_channel(c, m, eps, stats, weight, invstd, scale, unbiased);
-  }
-}
-
-// The spread of channels [begin, end), m > 0, from the sigma in coef[c][0] (the extreme norms with
-// chunks: their sigma comes channel by channel from the candidate lists).
-LPNORM_VECTOR_CLONES void spread_channels(int64_t begin, int64_t end, int64_t m, double eps,
-                                          const double* __restrict coef, const double* __restrict weight,
-                                          double* __restrict invstd, double* __restrict scale,
-                                          double* __restrict unbiased) {
-  for (int64_t c = begin; c < end; ++c) {
-    core::ChannelStatistics stats;
-    stats.sigma = coef[3 * c];
-    spread_channel(c, m, eps, stats, weight, invstd, scale, unbiased);
+    core::spread_from_sigma(m, eps, stats);
+    keep_channel(c, stats, weight, coef, invstd, scale, unbiased);
   }
 }
 
@@ -294,35 +280,19 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       sums.picked = picked_of(c);
       return sums;
     };
-    auto keep_coef = [&](int64_t c, const core::ChannelStatistics& stats) {
-      coef[3 * c] = stats.sigma;
-      coef[3 * c + 1] = stats.phi_scale;
-      coef[3 * c + 2] = stats.phi_offset;
-    };
-    // The statistics of channels [begin, end): sigma, a, b (and the sparse terms) channel by
-    // channel, or in one loop for the dense norms, then invstd in one loop. `pool` is scratch
-    // for the top-k pick.
+    // The statistics of channels [begin, end): the dense norms' and the one-chunk extreme norms'
+    // divisions and square roots in one vectorized loop, the rest channel by channel. `pool` is
+    // scratch for the top-k pick.
     auto finish_channels = [&](int64_t begin, int64_t end, core::Deviation* pool) {
-      if (m == 0) {  // the empty batch's statistics
+      if (m == 0 || (!dense && !one_chunk)) {  // the empty batch, extreme norms with chunks
         for (int64_t c = begin; c < end; ++c) {
-          const core::ChannelStatistics stats = core::channel_statistics_with(
-              spec, sums_of(c), eps, constants, index + c * cols, sparse.data() + c * cols, pool);
-          keep_coef(c, stats);
-          invstd[c] = stats.invstd;
-          scale[c] = stats.invstd * w[c];
-          unbiased[c] = stats.unbiased_var;
+          keep_channel(c,
+                       core::channel_statistics_with(spec, sums_of(c), eps, constants, index + c * cols,
+                                                     sparse.data() + c * cols, pool),
+                       w.data(), coef.data(), invstd.data(), scale.data(), unbiased.data());
         }
         return;
       }
-      auto dense_loop = [&](auto kind) {
-        dense_channels<decltype(kind)::value>(begin, end, m, eps, spec.p, constants.lp_constant, deviation.data(),
-                                              phi.data(), w.data(), coef.data(), invstd.data(), scale.data(),
-                                              unbiased.data());
-      };
-      using Kind = core::NormKind;
-      if (spec.kind == Kind::L2) return dense_loop(std::integral_constant<Kind, Kind::L2>{});
-      if (spec.kind == Kind::L1) return dense_loop(std::integral_constant<Kind, Kind::L1>{});
-      if (spec.kind == Kind::P) return dense_loop(std::integral_constant<Kind, Kind::P>{});
       if (one_chunk) {
         const core::ExtremeScales scales = core::extreme_scales(spec, constants.extreme_divisor);
         for (int64_t c = begin; c < end; ++c) {
@@ -337,11 +307,15 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
                          unbiased.data());
         return;
       }
-      for (int64_t c = begin; c < end; ++c) {
-        keep_coef(c, core::channel_sigma_with(spec, sums_of(c), constants, index + c * cols, sparse.data() + c * cols,
-                                              pool));
-      }
-      spread_channels(begin, end, m, eps, coef.data(), w.data(), invstd.data(), scale.data(), unbiased.data());
+      auto dense_loop = [&](auto kind) {
+        dense_channels<decltype(kind)::value>(begin, end, m, eps, spec.p, constants.lp_constant, deviation.data(),
+                                              phi.data(), w.data(), coef.data(), invstd.data(), scale.data(),
+                                              unbiased.data());
+      };
+      using Kind = core::NormKind;
+      if (spec.kind == Kind::L2) return dense_loop(std::integral_constant<Kind, Kind::L2>{});
+      if (spec.kind == Kind::L1) return dense_loop(std::integral_constant<Kind, Kind::L1>{});
+      dense_loop(std::integral_constant<Kind, Kind::P>{});
     };
 
     if (plan.fused) {  // every pass of a tile (one channel, or a span of channels) while in cache
