@@ -219,6 +219,12 @@ LPNORM_HOST_DEVICE LPNORM_INLINE ExtremeScales extreme_scales(const NormSpec& sp
   return {unit, unit / static_cast<double>(spec.sparse_per_chunk())};
 }
 
+// A pick's coefficient of dsigma/dx (without the mean term): the sign of its d times the
+// weight of one pick.
+LPNORM_HOST_DEVICE LPNORM_INLINE double pick_coefficient(double x, double mean, double per_pick) {
+  return sign_of(x - mean) * per_pick;
+}
+
 // One chunk of an extreme norm: its picks (the largest |x - mean|: `picked` where the backend
 // picked them, else from its lists) or its max and min, into the chunk's sparse terms, each
 // coefficient also added to coef_sum in order. Returns the chunk's raw statistic before the
@@ -254,7 +260,7 @@ LPNORM_HOST_DEVICE double chunk_extremes(const NormSpec& spec, const Candidate* 
     const bool found = i < top;
     total += found ? picked[i].magnitude : nan;
     index[i] = found ? picked[i].index : 0;
-    const double c = found ? sign_of(picked[i].x - mean) * per_pick : nan;
+    const double c = found ? pick_coefficient(picked[i].x, mean, per_pick) : nan;
     coef[i] = static_cast<Coef>(c);
     coef_sum += c;
   }
