@@ -496,14 +496,17 @@ def test_top_deviations_of_lane_lists(isa, kind, k, dtype):
 
 
 @pytest.mark.parametrize("k", [2, 3, 10])
-def test_top_deviations_where_x_minus_mean_rounds_together(isa, monkeypatch, k):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("values", [(3e-30, 2e-30, 1e-30), (0.0, 1e-30, 0.0)])
+def test_top_deviations_where_x_minus_mean_rounds_together(isa, monkeypatch, k, dtype, values):
     """Three values whose x - mean rounds to one double (3e-30, 2e-30, 1e-30 around a mean near
     1, the largest in the earliest row) are ordered by value in core's lists, not by row (k = 2:
-    the smallest values' list keeps rows 5 and 3, not row 1). The fused forward, which can rank
-    |x - mean| itself, picks what the split schedule's lists give core."""
+    the smallest values' list keeps rows 5 and 3, not row 1; with 0, 1e-30, 0 it keeps rows 1
+    and 5). The fused forward, which can rank |x - mean| itself, picks what the split schedule's
+    lists give core."""
     rows, channels = 256, 40
-    x = torch.where(torch.arange(rows).view(rows, 1) % 2 == 0, 0.5, 1.5).repeat(1, channels)
-    x[1, 5:], x[3, 5:], x[5, 5:] = 3e-30, 2e-30, 1e-30
+    x = torch.where(torch.arange(rows).view(rows, 1) % 2 == 0, 0.5, 1.5).repeat(1, channels).to(dtype)
+    x[1, 5:], x[3, 5:], x[5, 5:] = values
     picks = {}
     for schedule in ("fused", "split"):
         monkeypatch.setenv("LPNORM_CPU_SCHEDULE", schedule)

@@ -502,7 +502,7 @@ struct LaneLists {
       std::memcpy(&lane_mean, exact_means.data() + gi * W + h * D, sizeof lane_mean);
       VI64 count;
       for (int l = 0; l < D; ++l) count[l] = taken[h * D + l];
-      VD value[S], diff[S], key[S];
+      VD value[S], key[S];
       VI64 row[S], filled[S];
       for (int s = 0; s < most; ++s) {
         Lanes narrow;
@@ -511,25 +511,40 @@ struct LaneLists {
         std::memcpy(&narrow_row, slot_rows.data() + s * W + h * D, sizeof narrow_row);
         value[s] = __builtin_convertvector(narrow, VD);
         row[s] = __builtin_convertvector(narrow_row, VI64) + base;
-        diff[s] = value[s] - lane_mean;
-        key[s] = vabs(diff[s]);
+        key[s] = vabs(value[s] - lane_mean);
         filled[s] = s < count;
       }
       // A slot's place: the filled slots of its lane before it (larger key, or an equal key
-      // in an earlier row); places from P on go to one spare entry per lane. Equal keys are
-      // core's order too where they are equal values (an end's list orders them by row) or
-      // mean +- d; `collapsed`: two values whose x - mean rounds to one double (1e-30 and
-      // 2e-30 around a mean of 1), which core's lists would order by value.
-      VI64 collapsed{}, place[S];
+      // in an earlier row); places from P on go to one spare entry per lane.
+      VI64 place[S];
       for (int s = 0; s < most; ++s) {
         VI64 before{};
-        for (int t = 0; t < s; ++t) {
-          before -= key[t] >= key[s] & filled[t];
-          collapsed |= diff[t] == diff[s] & value[t] != value[s] & filled[t] & filled[s];
-        }
+        for (int t = 0; t < s; ++t) before -= key[t] >= key[s] & filled[t];
         for (int t = s + 1; t < most; ++t) before -= key[t] > key[s] & filled[t];
         place[s] = before;
       }
+      // Equal keys are core's order too where they are equal values (an end's list orders them
+      // by row) or mean +- d, not where two different values' x - mean round to one double
+      // (1e-30 and 2e-30 around a mean of 1: core's lists order those by value). That needs
+      // two values closer than an ulp of their d, at most 2^-52 |d| (or the least subnormal);
+      // two different values in A are at least the smaller nonzero one's |x| * epsilon / 2 (or
+      // A's least subnormal) apart. A lane whose largest such ulp is below its smallest such
+      // gap has no such pair. (Comparing every pair's d and value was a third of the ranking.)
+      constexpr double kRounding = std::numeric_limits<double>::epsilon();
+      constexpr double kGap = std::numeric_limits<A>::epsilon() / 2;
+      const VD least_rounding = splat<VD>(std::numeric_limits<double>::denorm_min());
+      const VD least_gap = splat<VD>(static_cast<double>(std::numeric_limits<A>::denorm_min()));
+      const VD none = splat<VD>(std::numeric_limits<double>::infinity());
+      VD rounding = least_rounding, gap = none;
+      for (int s = 0; s < most; ++s) {
+        const VD slot_rounding = key[s] * kRounding;
+        VD slot_gap = vabs(value[s]) * kGap;
+        slot_gap = slot_gap > least_gap ? slot_gap : least_gap;
+        slot_gap = value[s] != 0 & filled[s] ? slot_gap : none;  // zero: the other value's gap
+        rounding = slot_rounding > rounding & filled[s] ? slot_rounding : rounding;
+        gap = slot_gap < gap ? slot_gap : gap;
+      }
+      const VI64 collapsed = ~(rounding < gap);
       // Straight into picks, lane by lane: a staging copy read back whole waited on its
       // scalar stores.
       const uint32_t ok = (pickable >> (h * D)) & ~bitmask(collapsed) & ((1u << D) - 1);
