@@ -48,9 +48,12 @@ void collect_stats(const StatsArgs& a, const Tile* tiles, int64_t count) {
   const Tile t = parts.whole();
   const int64_t C = a.layout.C;
   const int64_t lists = a.chunks * a.per_end;  // candidates per channel and end
+  // The fused top-k forward's channels-innermost walk writes its lists whole (Extremes::unset).
+  const bool unset = a.picked != nullptr && a.chunks == 1 && count == 1 && t.row_end > t.row_begin &&
+                     walk(a.layout) == Walk::ChannelsInnermost;
   for (int64_t j = 0; j < count; ++j) {
     std::fill(a.sum + j * C + t.c_begin, a.sum + j * C + t.c_end, 0.0);
-    for (int64_t c = t.c_begin; a.per_end > 0 && c < t.c_end; ++c) {
+    for (int64_t c = t.c_begin; a.per_end > 0 && !unset && c < t.c_end; ++c) {
       core::reset_extremes(a.largest + (j * C + c) * lists, lists);
       core::reset_extremes(a.smallest + (j * C + c) * lists, lists);
     }
@@ -86,7 +89,7 @@ void collect_stats(const StatsArgs& a, const Tile* tiles, int64_t count) {
       reduce_parts<T>(a.layout, parts, a.x, a.pivot, ShiftedSumsOp{}, NoExtremes{}, a.sum, a.sum_sq);
     } else if (a.per_end > 0) {
       const Extremes<AccOf<T>> ext{a.largest, a.smallest, a.chunks, a.per_end, a.layout.count() / a.chunks,
-                                   a.chunks == 1 ? a.picked : nullptr};
+                                   a.chunks == 1 ? a.picked : nullptr, unset};
       reduce_parts<T>(a.layout, parts, a.x, nullptr, SumOp{}, ext, a.sum, nullptr);
     } else {
       reduce_parts<T>(a.layout, parts, a.x, nullptr, SumOp{}, NoExtremes{}, a.sum, nullptr);

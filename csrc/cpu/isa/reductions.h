@@ -66,6 +66,9 @@ struct Extremes {
   Candidate* smallest;
   int64_t chunks, per_end, chunk_count;
   core::Deviation* picked = nullptr;  // StatsArgs::picked (null with chunks > 1)
+  // The lists were not reset (collect_stats): a channels-innermost walk of one part writes
+  // them whole at its first flush.
+  bool unset = false;
 
   int64_t split() const { return chunks > 1 ? chunk_count : kNoSplit; }
   Candidate* lists(Candidate* base, int64_t c, int64_t flat) const {
@@ -214,8 +217,9 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
         lists.cover_deviations(t0.data(), channels, l.count());
       }
       lists.find_rows(tail, ext.picked != nullptr ? ext.picked + t.c_begin * ext.per_end : nullptr);
+      const bool whole = ext.unset && parts.count == 1 && lists.base == t.row_begin;  // the first flush
       for (int64_t gi = 0; gi < groups; ++gi) {
-        lists.flush(ext, gi, t.c_begin + gi * W, gi + 1 < groups ? W : tail);
+        lists.flush(ext, gi, t.c_begin + gi * W, gi + 1 < groups ? W : tail, whole);
       }
       lists.reset(next_row);
     }
