@@ -48,9 +48,9 @@ void collect_stats(const StatsArgs& a, const Tile* tiles, int64_t count) {
   const Tile t = parts.whole();
   const int64_t C = a.layout.C;
   const int64_t lists = a.chunks * a.per_end;  // candidates per channel and end
-  // The fused top-k forward's channels-innermost walk writes its lists whole (Extremes::unset).
-  const bool unset = a.picked != nullptr && a.chunks == 1 && count == 1 && t.row_end > t.row_begin &&
-                     walk(a.layout) == Walk::ChannelsInnermost;
+  // A channels-innermost walk of one part and one chunk writes its lists whole at its first
+  // flush (Extremes::unset): they are its own (a run of parts shares part 0's lists).
+  const bool unset = a.chunks == 1 && count == 1 && t.row_end > t.row_begin && walk(a.layout) == Walk::ChannelsInnermost;
   for (int64_t j = 0; j < count; ++j) {
     std::fill(a.sum + j * C + t.c_begin, a.sum + j * C + t.c_end, 0.0);
     for (int64_t c = t.c_begin; a.per_end > 0 && !unset && c < t.c_end; ++c) {

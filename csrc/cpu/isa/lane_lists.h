@@ -570,9 +570,9 @@ struct LaneLists {
   // them as they are; one filled by an earlier flush of the chunk is merged with them in
   // O(k) (offering them one by one cost O(k^2), seconds for k ~ m ~ 10^4).
   // Lanes whose largest |x - mean| pick_from_copies picked are not handed over. `whole`: the
-  // lists were never reset (one chunk), so each is written whole, its unfilled entries reset
-  // (the picked lanes' lists, which nothing reads, are not written: (256, 1024) topk forward,
-  // resetting 2k entries per channel was 5% of it).
+  // lists were never reset (one chunk), so each is written whole, its unfilled entries reset,
+  // without reading it first (the picked lanes' lists, which nothing reads, are not written:
+  // (256, 1024) topk forward, resetting 2k entries per channel was 5% of it).
   template <typename Ext>
   void flush(const Ext& ext, int64_t group, int64_t c0, int n, bool whole) {
     const uint32_t picked_here = picked(group);
