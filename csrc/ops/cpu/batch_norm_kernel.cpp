@@ -197,11 +197,12 @@ LPNORM_VECTOR_CLONES void picked_channels(int64_t begin, int64_t end, int64_t pi
   }
 }
 
-// One-chunk linf channels [begin, end): what core::chunk_extremes gives them (one pick: the
-// larger |d| of the largest and the smallest value, ties to the lower index) where the
-// largest lies at or above the mean and the smallest below it (core's merge), in one loop;
-// single[c] = 0 where not (NaN, no candidates, both ends on one side), for core to redo.
-// (Channel by channel, the pick's branches took ~40 ns a channel: (16, 2048) linf forward.)
+// One-chunk linf channels [begin, end), one candidate per channel and end (largest[c],
+// smallest[c]): what core::chunk_extremes gives them (one pick: the larger |d| of the largest
+// and the smallest value, ties to the lower index) where the largest lies at or above the
+// mean and the smallest below it (core's merge), in one loop; single[c] = 0 where not (NaN,
+// no candidates, both ends on one side), for core to redo. (Channel by channel, the pick's
+// branches took ~40 ns a channel: (16, 2048) linf forward.)
 LPNORM_VECTOR_CLONES void single_pick_channels(int64_t begin, int64_t end, int64_t cols, double per_pick,
                                                const core::Candidate* __restrict largest,
                                                const core::Candidate* __restrict smallest,
