@@ -397,12 +397,15 @@ LPNORM_HOST_DEVICE inline GradCoefficients grad_coefficients(bool batch_stats, i
                                                              double phi_offset, double sum_g, double sum_gd) {
   GradCoefficients coef;
   coef.scale_g = weight * invstd;
-  if (!batch_stats || count == 0) return coef;
+  // Selects, not an early return, so a backend's loop over channels vectorizes (the terms of
+  // an empty batch are computed and dropped).
+  const bool moves = batch_stats && count > 0;
   // dL/dsigma = -weight * sigma * invstd^3 * sum(g * d)   (SPEC §3)
   const double dsigma = -weight * sigma * invstd * invstd * invstd * sum_gd;
-  coef.scale_phi = dsigma * phi_scale;
-  coef.offset = -weight * invstd * sum_g / static_cast<double>(count) + dsigma * phi_offset;
-  coef.sparse_scale = dsigma;
+  const double offset = -weight * invstd * sum_g / static_cast<double>(count) + dsigma * phi_offset;
+  coef.scale_phi = moves ? dsigma * phi_scale : 0.0;
+  coef.offset = moves ? offset : 0.0;
+  coef.sparse_scale = moves ? dsigma : 0.0;
   return coef;
 }
 
