@@ -586,16 +586,12 @@ struct LaneLists {
         };
         int64_t count = 0;
         while (count < per_end && rows[(at + count) * W + i] != kFree) ++count;
-        if (whole) {
-          Candidate* list = ext.lists(end == 0 ? ext.largest : ext.smallest, c0 + i, base);
+        if (count == 0 && !whole) continue;
+        // A flush's rows lie in one chunk: the walk flushes where a chunk starts.
+        Candidate* list = ext.lists(end == 0 ? ext.largest : ext.smallest, c0 + i, base);
+        if (whole || list[0].index == core::kNoIndex) {
           for (int64_t j = 0; j < count; ++j) list[j] = entry(j);
-          core::reset_extremes(list + count, per_end - count);
-          continue;
-        }
-        if (count == 0) continue;
-        Candidate* list = ext.lists(end == 0 ? ext.largest : ext.smallest, c0 + i, entry(0).index);
-        if (list[0].index == core::kNoIndex) {
-          for (int64_t j = 0; j < count; ++j) list[j] = entry(j);
+          if (whole) core::reset_extremes(list + count, per_end - count);
           continue;
         }
         for (int64_t out = 0, old = 0, j = 0; out < per_end; ++out) {
