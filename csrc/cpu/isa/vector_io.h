@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/isa/vectors.h"
 
@@ -154,6 +155,20 @@ LPNORM_INLINE void store_first(T* p, int n, VecOf<T> v) {
   T buffer[kLanes<T>];
   Io<T>::store(buffer, v);
   std::memcpy(p, buffer, static_cast<size_t>(n) * sizeof(T));
+}
+
+// The last n < W elements of a run of at least W, ending at `end`, in lanes [0, n) and the
+// others zero, from the whole vector that ends there. A masked load of a short plane's last
+// elements reads the whole vector's span on Zen 4, and waits on the line past the plane,
+// which nothing prefetched.
+template <typename T>
+LPNORM_INLINE VecOf<T> load_last(const T* end, int n) {
+  using A = AccOf<T>;
+  constexpr int W = kLanes<T>;
+  typename Simd<A>::Mask index;
+  for (int i = 0; i < W; ++i) index[i] = static_cast<std::remove_reference_t<decltype(index[0])>>(i + W - n);
+  const VecOf<T> moved = __builtin_shuffle(Io<T>::load(end - W), index);
+  return lanes_below<A>(n) ? moved : VecOf<T>{};
 }
 
 // n <= W elements `stride` apart; missing lanes read as zero.
