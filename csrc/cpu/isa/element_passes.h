@@ -113,7 +113,7 @@ void map_channel_major(const Layout& l, const Tile& t, const T* x, const T* g, T
       for (int64_t c = t.c_begin; c < t.c_end; ++c) channel_rows(whole_tails, c, t.row_begin, t.row_end);
     }
   };
-  if (l.S >= W && l.stride_s == 1 && out != x && out != g) {
+  if (whole_tail_runs<T>(l) && out != x && out != g) {
     walk(std::true_type{});
   } else {
     walk(std::false_type{});

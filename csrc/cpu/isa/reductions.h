@@ -186,7 +186,7 @@ void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g
       if (out1 != nullptr) out1[c] = t1;
     }
   };
-  if (l.S >= W && l.stride_s == 1) {
+  if (whole_tail_runs<T>(l)) {
     walk(std::true_type{});
   } else {
     walk(std::false_type{});

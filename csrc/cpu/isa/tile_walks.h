@@ -108,6 +108,13 @@ LPNORM_INLINE void with_step_rows(int rows, Fn&& fn) {
   }
 }
 
+// Whether a channel-major layout's runs are contiguous planes of at least W elements, which
+// end with a whole vector instead of a masked partial one (see load_last).
+template <typename T>
+LPNORM_INLINE bool whole_tail_runs(const Layout& l) {
+  return l.S >= kLanes<T> && l.stride_s == 1;
+}
+
 // Channel-major runs of one short plane each ((128,256,14,14): 392 bytes, the next plane of
 // the channel 100 KB further) start a new stream every few vectors, too short for the
 // hardware prefetcher: a run fetches the plane kPlanesAhead planes on.

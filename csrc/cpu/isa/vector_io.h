@@ -105,8 +105,9 @@ using VecOf = typename Simd<AccOf<T>>::V;
 template <typename T>
 constexpr int kLanes = Simd<AccOf<T>>::W;
 
-// The first n < W contiguous elements, the other lanes zero, without touching memory past
-// them: masked loads and stores where the build has them, a small buffer otherwise.
+// The first n < W contiguous elements, the other lanes zero, without faulting on memory past
+// them: masked loads and stores where the build has them, a small buffer otherwise. (A masked
+// load still reads the lines of the whole vector's span on Zen 4: see load_last.)
 template <typename T>
 LPNORM_INLINE VecOf<T> load_first(const T* p, int n) {
 #if defined(__AVX512F__)
