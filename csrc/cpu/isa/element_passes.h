@@ -43,14 +43,15 @@ void map_channel_major(const Layout& l, const Tile& t, const T* x, const T* g, T
   // lies); one channel's planes are C planes apart, and short ones wait on memory one by one
   // ((128,256,14,14) float32 evaluation: 2.7x torch channel by channel).
   const bool memory_order = t.c_end - t.c_begin > 1 && l.S > 1 && t.row_end - t.row_begin > l.S;
-  // whole_tails: contiguous planes of at least W elements end with a whole vector, written
-  // whole (its first lanes again, with the same values; never in place): a masked load of a
-  // plane's last elements reads the line past it (see load_last). Shorter planes keep the
-  // masked one, in code of their own (see reduce_channel_major).
-  auto channel_rows = [&](auto whole_tails, int64_t c, int64_t row_begin, int64_t row_end) {
+  // unit, whole_tails: see with_run_kind. A whole last vector is written whole (its first
+  // lanes again, with the same values; never in place): a masked load of a plane's last
+  // elements reads the line past it (see load_last). Shorter planes keep the masked one, in
+  // code of their own (see reduce_channel_major).
+  auto channel_rows = [&](auto unit, auto whole_tails, int64_t c, int64_t row_begin, int64_t row_end) {
     V k[4];
     for (int j = 0; j < 4; ++j) k[j] = splat<V>(static_cast<A>(params(c, j)));
-    for_each_run(l, c, row_begin, row_end, kNoSplit, [&](int64_t offset, int64_t stride, int64_t length, int64_t) {
+    for_each_run(l, c, row_begin, row_end, kNoSplit, [&](int64_t offset, int64_t run_stride, int64_t length, int64_t) {
+      const int64_t stride = decltype(unit)::value ? 1 : run_stride;
       const T* px = x + offset;
       const T* pg = g != nullptr ? g + offset : nullptr;
       T* po = out + offset;
@@ -102,22 +103,17 @@ void map_channel_major(const Layout& l, const Tile& t, const T* x, const T* g, T
       }
     });
   };
-  auto walk = [&](auto whole_tails) {
+  with_run_kind<T>(l, out != x && out != g, [&](auto unit, auto whole_tails) {
     if (memory_order) {
       for (int64_t r = t.row_begin; r < t.row_end;) {
         const int64_t next = std::min(t.row_end, (r / l.S + 1) * l.S);
-        for (int64_t c = t.c_begin; c < t.c_end; ++c) channel_rows(whole_tails, c, r, next);
+        for (int64_t c = t.c_begin; c < t.c_end; ++c) channel_rows(unit, whole_tails, c, r, next);
         r = next;
       }
     } else {
-      for (int64_t c = t.c_begin; c < t.c_end; ++c) channel_rows(whole_tails, c, t.row_begin, t.row_end);
+      for (int64_t c = t.c_begin; c < t.c_end; ++c) channel_rows(unit, whole_tails, c, t.row_begin, t.row_end);
     }
-  };
-  if (whole_tail_runs<T>(l) && out != x && out != g) {
-    walk(std::true_type{});
-  } else {
-    walk(std::false_type{});
-  }
+  });
   stream_fence(stream);
 }
 

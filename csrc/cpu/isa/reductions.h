@@ -9,6 +9,7 @@
 
 #include "cpu/isa/lane_lists.h"
 #include "cpu/isa/tile_walks.h"
+#include "cpu/isa/vector_lists.h"
 
 namespace lpnorm::cpu::LPNORM_ISA_NAMESPACE {
 namespace {
@@ -104,11 +105,14 @@ void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g
   using A = AccOf<T>;
   using V = VecOf<T>;
   constexpr int W = kLanes<T>;
-  // whole_tails: contiguous planes of at least W elements end with a whole-vector load (see
-  // load_last); shorter planes keep the masked one, in code of their own (their walk is all
-  // per-run overhead: a test per run made (256, 512, 2) 15% slower).
-  auto walk = [&](auto whole_tails) __attribute__((always_inline)) {
+  // unit, whole_tails: see with_run_kind. Planes shorter than W keep the masked tail load in
+  // code of their own (their walk is all per-run overhead: a test per run made (256, 512, 2)
+  // 15% slower). in_registers: the extreme lists of the channel being walked are VectorLists,
+  // written back to their Candidates when the walk moves to another list (chunk, channel).
+  auto walk = [&](auto unit, auto whole_tails, auto in_registers) __attribute__((always_inline)) {
     for (int64_t c = t.c_begin; c < t.c_end; ++c) {
+      VectorList<A> up_held, down_held;
+      Candidate *held_up_list = nullptr, *held_down_list = nullptr;  // where they go back
       const V m = splat<V>(static_cast<A>(mean != nullptr ? mean[c] : 0.0));
       V s0a{}, s0b{}, s1a{}, s1b{};
       double t0 = 0, t1 = 0;
@@ -122,15 +126,29 @@ void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g
       A hi = 0, lo = 0;
       // The walk's body always inlined: where GCC left it out of line (once this file grew), its
       // accumulators stayed in memory (bfloat16 NCHW deviation pass 2.3x slower).
-      for_each_run(l, c, t.row_begin, t.row_end, ext.split(), [&](int64_t offset, int64_t stride, int64_t length,
+      for_each_run(l, c, t.row_begin, t.row_end, ext.split(), [&](int64_t offset, int64_t run_stride, int64_t length,
                                                                   int64_t flat) __attribute__((always_inline)) {
+        const int64_t stride = decltype(unit)::value ? 1 : run_stride;
         const T* px = x + offset;
         const T* pg = g != nullptr ? g + offset : nullptr;
         Candidate *up_list = nullptr, *down_list = nullptr;
         if constexpr (Ext::kActive) {
           up_list = ext.lists(ext.largest, c, flat);
           down_list = ext.lists(ext.smallest, c, flat);
-          ext.thresholds(up_list, down_list, hi, lo);
+          if constexpr (decltype(in_registers)::value) {
+            if (up_list != held_up_list) {
+              if (held_up_list != nullptr) {
+                up_held.store(held_up_list);
+                down_held.store(held_down_list);
+              }
+              up_held.load(up_list, static_cast<int>(ext.per_end));
+              down_held.load(down_list, static_cast<int>(ext.per_end));
+              held_up_list = up_list;
+              held_down_list = down_list;
+            }
+          } else {
+            ext.thresholds(up_list, down_list, hi, lo);
+          }
         }
         prefetch_next_plane(l, px, stride, length);
         // g's plane too where it spans lines ((32,2048,7,7) backward 3-5% faster; 64-byte planes
@@ -139,7 +157,14 @@ void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g
           prefetch_next_plane(l, pg, stride, length);
         }
         auto check = [&](V v, int64_t first, uint32_t valid) {
-          if constexpr (Ext::kActive) {
+          if constexpr (decltype(in_registers)::value) {
+            const V negated = -v;  // the smallest values' list keeps -x
+            const uint32_t up = up_held.entering(v) & valid, down = down_held.entering(negated) & valid;
+            if ((up | down) != 0) {
+              up_held.offer(v, up, first);
+              down_held.offer(negated, down, first);
+            }
+          } else if constexpr (Ext::kActive) {
             const uint32_t up = bitmask(v > hi) & valid, down = bitmask(v < lo) & valid;
             if ((up | down) != 0) {
               ext.offer(v, up, down, up_list, down_list, first);
@@ -184,13 +209,22 @@ void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g
       fold();
       out0[c] = t0;
       if (out1 != nullptr) out1[c] = t1;
+      if (held_up_list != nullptr) {
+        up_held.store(held_up_list);
+        down_held.store(held_down_list);
+      }
     }
   };
-  if (whole_tail_runs<T>(l)) {
-    walk(std::true_type{});
-  } else {
-    walk(std::false_type{});
-  }
+  with_run_kind<T>(l, true, [&](auto unit, auto whole_tails) {
+    if constexpr (Ext::kActive) {
+      // (Lists of one entry, linf's and range's, stay scalar: one compare per offer. As
+      // VectorLists, (4, 512, 7, 7) linf forward took 150 us against 123.)
+      if (ext.per_end > 1 && VectorList<A>::holds(ext.per_end, l.count())) {
+        return walk(unit, whole_tails, std::true_type{});
+      }
+    }
+    walk(unit, whole_tails, std::false_type{});
+  });
 }
 
 
