@@ -107,11 +107,14 @@ void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g
   constexpr int W = kLanes<T>;
   // unit, whole_tails: see with_run_kind. Planes shorter than W keep the masked tail load in
   // code of their own (their walk is all per-run overhead: a test per run made (256, 512, 2)
-  // 15% slower). in_registers: the extreme lists of the channel being walked are VectorLists,
-  // written back to their Candidates when the walk moves to another list (chunk, channel).
-  auto walk = [&](auto unit, auto whole_tails, auto in_registers) __attribute__((always_inline)) {
+  // 15% slower). held: the kind of the extreme lists the walk keeps in registers for the
+  // channel it is on (vector_lists.h), written back to their Candidates when it moves to
+  // another list (chunk, channel); or ListsInMemory.
+  auto walk = [&](auto unit, auto whole_tails, auto held) __attribute__((always_inline)) {
+    using Held = decltype(held);
+    constexpr bool in_registers = !std::is_same_v<Held, ListsInMemory>;
     for (int64_t c = t.c_begin; c < t.c_end; ++c) {
-      VectorList<A> up_held, down_held;
+      std::conditional_t<in_registers, Held, VectorList<A>> up_held, down_held;
       Candidate *held_up_list = nullptr, *held_down_list = nullptr;  // where they go back
       const V m = splat<V>(static_cast<A>(mean != nullptr ? mean[c] : 0.0));
       V s0a{}, s0b{}, s1a{}, s1b{};
@@ -135,7 +138,7 @@ void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g
         if constexpr (Ext::kActive) {
           up_list = ext.lists(ext.largest, c, flat);
           down_list = ext.lists(ext.smallest, c, flat);
-          if constexpr (decltype(in_registers)::value) {
+          if constexpr (in_registers) {
             if (up_list != held_up_list) {
               if (held_up_list != nullptr) {
                 up_held.store(held_up_list);
@@ -157,13 +160,9 @@ void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g
           prefetch_next_plane(l, pg, stride, length);
         }
         auto check = [&](V v, int64_t first, uint32_t valid) {
-          if constexpr (decltype(in_registers)::value) {
-            const V negated = -v;  // the smallest values' list keeps -x
-            const uint32_t up = up_held.entering(v) & valid, down = down_held.entering(negated) & valid;
-            if ((up | down) != 0) {
-              up_held.offer(v, up, first);
-              down_held.offer(negated, down, first);
-            }
+          if constexpr (in_registers) {
+            up_held.take(v, first, valid);
+            down_held.take(-v, first, valid);  // the smallest values' list keeps -x
           } else if constexpr (Ext::kActive) {
             const uint32_t up = bitmask(v > hi) & valid, down = bitmask(v < lo) & valid;
             if ((up | down) != 0) {
@@ -217,13 +216,10 @@ void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g
   };
   with_run_kind<T>(l, true, [&](auto unit, auto whole_tails) {
     if constexpr (Ext::kActive) {
-      // (Lists of one entry, linf's and range's, stay scalar: one compare per offer. As
-      // VectorLists, (4, 512, 7, 7) linf forward took 150 us against 123.)
-      if (ext.per_end > 1 && VectorList<A>::holds(ext.per_end, l.count())) {
-        return walk(unit, whole_tails, std::true_type{});
-      }
+      if (LaneMaxima<A>::holds(ext.per_end, l.count())) return walk(unit, whole_tails, LaneMaxima<A>{});
+      if (VectorList<A>::holds(ext.per_end, l.count())) return walk(unit, whole_tails, VectorList<A>{});
     }
-    walk(unit, whole_tails, std::false_type{});
+    walk(unit, whole_tails, ListsInMemory{});
   });
 }
 
