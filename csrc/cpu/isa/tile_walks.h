@@ -141,6 +141,11 @@ LPNORM_INLINE void prefetch_next_plane(const Layout& l, const T* run, int64_t st
   }
 }
 
+// Channel-major top-k lists start from floors (a first walk) where a channel's tile has at
+// most this many elements: in longer ones few offers come after the first few thousand
+// elements, and a first walk beyond the caches would read the channel twice from memory.
+constexpr int64_t kFloorRows = 4096;
+
 // A channels-innermost reduction takes kBlockRows rows at a time, kChunkGroups vectors of
 // channels at a time: fn(std::integral_constant<int, vectors in this chunk>,
 // std::bool_constant<its last vector is the tile's short last one>).

@@ -6,9 +6,12 @@
 // first + lane.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include "cpu/isa/vectors.h"
 
@@ -28,7 +31,8 @@ struct VectorList {
 
   V values;
   I index;
-  V bar;  // values[size - 1] in every lane: what an offer must beat to enter
+  V bar;    // what an offer must beat to enter: values[size - 1] in every lane, or the floor
+  V floor;  // just below a value that at least `size` elements of the walk reach
   int size;
 
   // Flat indices must fit the index lanes (int32 for float lists).
@@ -36,8 +40,10 @@ struct VectorList {
     return size > 1 && size <= W && count <= std::numeric_limits<Index>::max();
   }
 
-  void load(const Candidate* list, int n) {
+  // `reached`: at least n of the elements to come are at or above it (or -inf).
+  void load(const Candidate* list, int n, A reached) {
     size = n;
+    floor = splat<V>(std::nextafter(reached, -std::numeric_limits<A>::infinity()));
     values = splat<V>(-std::numeric_limits<A>::infinity());
     index = I{} - 1;
     for (int i = 0; i < n; ++i) {
@@ -73,8 +79,36 @@ struct VectorList {
   }
 
  private:
-  LPNORM_INLINE void update_bar() { bar = __builtin_shuffle(values, splat<I>(size - 1)); }
+  LPNORM_INLINE void update_bar() {
+    const V last = __builtin_shuffle(values, splat<I>(size - 1));
+    bar = last > floor ? last : floor;
+  }
 };
+
+// The k-th largest lane of v (1 <= k <= W; no NaN lanes): the smallest lane that fewer than k
+// lanes exceed, counted against each rotation of v (rotations unrolled: with the rotation
+// built in a loop, GCC made this cost as much as the walk it serves).
+template <typename A, int... R>
+LPNORM_INLINE A largest_lane(typename Simd<A>::V v, int k, std::integer_sequence<int, R...>) {
+  using V = typename Simd<A>::V;
+  using I = typename Simd<A>::Mask;
+  constexpr int W = Simd<A>::W;
+  auto rotated = [&](auto r) {
+    I rotation;
+    for (int i = 0; i < W; ++i) rotation[i] = (i + decltype(r)::value + 1) % W;
+    return __builtin_shuffle(v, rotation);
+  };
+  I exceeded_by{};
+  ((exceeded_by -= rotated(std::integral_constant<int, R>{}) > v), ...);  // (true is -1)
+  const V candidates = exceeded_by < k ? v : splat<V>(std::numeric_limits<A>::infinity());
+  A result = candidates[0];
+  for (int i = 1; i < W; ++i) result = std::min(result, candidates[i]);
+  return result;
+}
+template <typename A>
+LPNORM_INLINE A largest_lane(typename Simd<A>::V v, int k) {
+  return largest_lane<A>(v, k, std::make_integer_sequence<int, Simd<A>::W - 1>{});
+}
 
 // A list of one entry (linf's, range's): the largest value and its index lane by lane, three
 // operations a vector and no branch ((4, 512, 7, 7) linf forward, 1 thread: 115 us, 130 with
@@ -91,7 +125,7 @@ struct LaneMaxima {
 
   static bool holds(int64_t size, int64_t count) { return size == 1 && count <= std::numeric_limits<Index>::max(); }
 
-  void load(const Candidate* list, int) {
+  void load(const Candidate* list, int, A) {
     values = splat<V>(-std::numeric_limits<A>::infinity());
     index = I{} - 1;
     values[0] = static_cast<A>(list[0].value);
