@@ -111,10 +111,9 @@ LPNORM_INLINE void with_step_rows(int rows, Fn&& fn) {
 // How a channel-major layout's runs are read, as compile-time choices handed to
 // fn(unit, whole_tails): `unit` where every run is contiguous, so loads and stores have no
 // strided fallback (with one in the loop GCC kept a dozen gather addresses live and stepped
-// them every vector: (4, 512, 7, 7) backward 77 -> 63 us at 1 thread without it); `whole_tails`
-// where the runs are also planes of at least W elements,
-// which end with a whole vector instead of a masked partial one (see load_last), and the
-// caller allows it.
+// them every vector: (4, 512, 7, 7) backward 77 -> 63 us at 1 thread without it);
+// `whole_tails` where the runs are also planes of at least W elements, which end with a whole
+// vector instead of a masked partial one (see load_last), and the caller allows it.
 template <typename T, typename Fn>
 LPNORM_INLINE void with_run_kind(const Layout& l, bool allow_whole_tails, Fn&& fn) {
   const int64_t stride = l.S == 1 ? l.stride_n : l.stride_s;  // every run's (for_each_run)
