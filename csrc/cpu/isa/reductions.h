@@ -120,8 +120,8 @@ void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g
       return load_run(run + i * stride, stride, n);
     };
     for (int64_t c = t.c_begin; c < t.c_end; ++c) {
-      std::conditional_t<in_registers, Held, VectorList<A>> up_held, down_held;
-      Candidate *held_up_list = nullptr, *held_down_list = nullptr;  // where they go back
+      Held up_held, down_held;
+      [[maybe_unused]] Candidate *held_up_list = nullptr, *held_down_list = nullptr;  // where they go back
       // Short channels' top-k lists start from floors: the per_end-th largest of the lanes'
       // largest values (of x, and of -x), which at least per_end elements reach, so nothing
       // below can enter. A first walk finds them while the channel comes into the caches; the
@@ -232,9 +232,11 @@ void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g
       fold();
       out0[c] = t0;
       if (out1 != nullptr) out1[c] = t1;
-      if (held_up_list != nullptr) {
-        up_held.store(held_up_list);
-        down_held.store(held_down_list);
+      if constexpr (in_registers) {
+        if (held_up_list != nullptr) {
+          up_held.store(held_up_list);
+          down_held.store(held_down_list);
+        }
       }
     }
   };
