@@ -204,14 +204,16 @@ struct LaneLists {
       V* value = values.data() + (group * 2 + end) * levels;
       const A sign = end == 0 ? A(1) : A(-1);
       auto entry = [&](int64_t e) { return deviations ? vabs(x[e] - mean) : x[e] * sign; };
-      // The block's maximum, NaN skipped (it never enters the lists).
+      // The block's maximum, pairwise (one max instruction each). A NaN may stand for the
+      // block, or drop out of it: either way the block gives the network one of its values
+      // or nothing (a NaN never enters), which leaves the k-th value a lower bound. (A chain
+      // that skipped NaN exactly, compare and blend per element, was most of the network.)
+      auto larger = [](V a, V b) { return a > b ? a : b; };
       auto block_max = [&](int64_t e) {
+        const int64_t n = std::min(block, copied[group] - e);
+        if (n == 4) return larger(larger(entry(e), entry(e + 1)), larger(entry(e + 2), entry(e + 3)));
         V m = entry(e);
-        for (int64_t b = 1; b < block && e + b < copied[group]; ++b) {
-          const V v = entry(e + b);
-          m = v > m ? v : m;
-          m = m == m ? m : v;
-        }
+        for (int64_t b = 1; b < n; ++b) m = larger(entry(e + b), m);
         return m;
       };
       if constexpr (K > 0) {
@@ -336,8 +338,8 @@ struct LaneLists {
       const M step = splat<M>(static_cast<R>(W));
       for (int64_t e = 0, count = copied[gi]; e < count; ++e, id += step) {
         const V v = x[e];
-        kept_count[0] += compress(id, bitmask(v >= upper) & lanes, kept[0] + kept_count[0]);
-        kept_count[1] += compress(id, bitmask(v <= lower) & lanes, kept[1] + kept_count[1]);
+        kept_count[0] += compress(id, lanes_at_least(v, upper) & lanes, kept[0] + kept_count[0]);
+        kept_count[1] += compress(id, lanes_at_least(lower, v) & lanes, kept[1] + kept_count[1]);
       }
       for (int end = 0; end < 2; ++end) {
         int taken[W];
@@ -487,7 +489,7 @@ struct LaneLists {
     M id = lane_ids();
     const M step = splat<M>(static_cast<R>(W));
     for (int64_t e = 0, count = copied[gi]; e < count; ++e, id += step) {
-      kept_count += compress(id, bitmask(vabs(x[e] - mean) >= near) & finite, kept + kept_count);
+      kept_count += compress(id, lanes_at_least(vabs(x[e] - mean), near) & finite, kept + kept_count);
     }
     int taken[W];
     deal_to_slots(gi, kept, kept_count, A(1), taken);

@@ -60,7 +60,7 @@ struct VectorList {
   }
 
   LPNORM_INLINE void take(V v, int64_t first, uint32_t valid) {
-    uint32_t lanes = bitmask(v > bar) & valid;  // (NaN never enters)
+    uint32_t lanes = lanes_above(v, bar) & valid;  // (NaN never enters)
     if (lanes == 0) return;
     I previous;  // lane i <- lane i - 1; lane 0 <- the second operand's lane 0
     for (int i = 0; i < W; ++i) previous[i] = i > 0 ? i - 1 : W;

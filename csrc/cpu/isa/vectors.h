@@ -83,6 +83,35 @@ LPNORM_INLINE uint32_t bitmask(VI64 m) {
 #endif
 }
 
+// Lanes where a > b (lanes_above) or a >= b (lanes_at_least), as bits; NaN never. AVX-512
+// compares into a mask register: bitmask() of a vector compare moved the mask to a vector and
+// back, two more instructions on the chain of the loops that pack lanes (compress).
+template <bool kOrEqual, typename V>
+LPNORM_INLINE uint32_t lanes_compared(V a, V b) {
+#if defined(__AVX512F__)
+  constexpr int kPredicate = kOrEqual ? _CMP_GE_OQ : _CMP_GT_OQ;
+  if constexpr (sizeof(a[0]) == 4) {
+    return _mm512_cmp_ps_mask(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b), kPredicate);
+  } else {
+    return _mm512_cmp_pd_mask(reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b), kPredicate);
+  }
+#else
+  if constexpr (kOrEqual) {
+    return bitmask(a >= b);
+  } else {
+    return bitmask(a > b);
+  }
+#endif
+}
+template <typename V>
+LPNORM_INLINE uint32_t lanes_above(V a, V b) {
+  return lanes_compared<false>(a, b);
+}
+template <typename V>
+LPNORM_INLINE uint32_t lanes_at_least(V a, V b) {
+  return lanes_compared<true>(a, b);
+}
+
 // One broadcast: a - 0 is a for every value (-0 and NaN included). (A lane-by-lane loop
 // compiled to one masked broadcast per lane in some callers.)
 template <typename V, typename A>
