@@ -63,6 +63,7 @@ struct LaneLists {
   std::vector<V> values;  // [group][end][levels], sorted largest first, the top levels - per_end +inf
   std::unique_ptr<V[]> copies;   // [group][stride]
   std::unique_ptr<R[]> copy_rows;  // the copies' rows, relative to `base` (not where dense: row_of)
+  int64_t copies_size = 0, copy_rows_size = 0;  // their lengths (they only grow: see start)
   std::vector<int64_t> copied, inserted;  // per group
   std::vector<R> rows;  // [group][end][per_end][W], after find_rows, with the values found
   std::vector<A> found;
@@ -78,19 +79,21 @@ struct LaneLists {
   std::vector<double> exact_means;
 
   static int64_t levels_for(int64_t k) { return k == 1 ? 1 : k <= kMaxLevels ? (k + 1) / 2 * 2 : k; }
-  // For a walk of `rows` rows, `group_count` vectors of channels wide.
+  // For a walk of `rows` rows, `group_count` vectors of channels wide. A thread keeps its
+  // lists from walk to walk (see reduce_channels_innermost): the buffers grow as needed, and
+  // nothing is read before this walk writes it.
   void start(int64_t group_count, int64_t k, int64_t rows, int64_t first_row) {
     groups = group_count;
     per_end = k;
     levels = levels_for(k);
     dense = rows <= kMaxCopies;
+    // A block of rows may run past the capacity before the walk looks at `full`.
+    capacity = std::max<int64_t>(1, std::min(kMaxCopies, rows));
+    stride = capacity + kBlockRows - 1;
+    copy_block = 1;
     if (levels > 1) {  // one level keeps its rows, no copies
-      // A block of rows may run past the capacity before the walk looks at `full`.
-      capacity = std::max<int64_t>(1, std::min(kMaxCopies, rows));
-      stride = capacity + kBlockRows - 1;
-      copies.reset(new V[static_cast<size_t>(groups * stride)]);
-      if (!dense) copy_rows.reset(new R[static_cast<size_t>(groups * stride)]);
-      copy_block = 1;
+      grow(copies, copies_size, groups * stride);
+      if (!dense) grow(copy_rows, copy_rows_size, groups * stride);
       while (levels <= kMaxLevels && copy_block < kMaxCopyBlock && rows >= 2 * copy_block * kBlocksPerLevel * k) {
         copy_block *= 2;
       }
@@ -98,6 +101,21 @@ struct LaneLists {
     values.resize(static_cast<size_t>(groups * 2 * levels));
     top_rows.resize(static_cast<size_t>(groups * 2));
     reset(first_row);
+  }
+  template <typename E>
+  static void grow(std::unique_ptr<E[]>& array, int64_t& size, int64_t wanted) {
+    if (wanted <= size) return;
+    array.reset(new E[static_cast<size_t>(wanted)]);
+    size = wanted;
+  }
+  // Buffers past kKeptBytes go back after a walk rather than stay with the thread.
+  static constexpr int64_t kKeptBytes = int64_t{1} << 20;
+  void release_if_large() {
+    const auto bytes = [](const auto& v) { return static_cast<int64_t>(v.capacity() * sizeof(v[0])); };
+    const int64_t kept = copies_size * static_cast<int64_t>(sizeof(V)) + copy_rows_size * static_cast<int64_t>(sizeof(R)) +
+                         bytes(values) + bytes(kept_ids) + bytes(rows) + bytes(found) + bytes(lane_values) +
+                         bytes(slot_values) + bytes(slot_rows);
+    if (kept > kKeptBytes) *this = LaneLists{};
   }
   void reset(int64_t first_row) {
     base = first_row;
