@@ -530,6 +530,28 @@ def test_top_deviations_where_x_minus_mean_rounds_together(isa, monkeypatch, k, 
     assert set(picks["fused"][5, :2].tolist()) <= {1, 3, 5}
 
 
+def test_lane_lists_kept_between_calls(isa):
+    """A thread keeps its channels-innermost lists' buffers from call to call (growing them, or
+    giving them back past 1 MiB). Calls that alternate between shapes that need short and long
+    buffers, few and many list levels, one and two lists per lane, and NaN in a channel, each
+    still pick the reference's indices, and a call repeated after the others gives the same
+    bits."""
+    gen = torch.Generator().manual_seed(5)
+    calls = [((256, 70), "topk", 10), ((3000, 40), "topk", 40), ((24, 150), "topk", 3), ((256, 70), "linf", 1),
+             ((2100, 33), "topk", 17), ((64, 2048), "topk", 30), ((256, 70), "topk", 10)]
+    data = {shape: torch.randn(shape, generator=gen) for shape, _, _ in calls}
+    data[(2100, 33)][7, 4] = math.nan
+    outputs = []
+    for shape, norm, k in calls:
+        x = data[shape]
+        out = torch.ops.lpnorm.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5, norm, k, 2.0, 1,
+                                                  "exact", "float")
+        good = [c for c in range(shape[1]) if not x[:, c].isnan().any()]
+        assert torch.equal(out[4][good], reference_top_indices(x[:, good], k, 1)), (shape, norm, k)
+        outputs.append(out)
+    assert all(torch.equal(a, b) for a, b in zip(outputs[0], outputs[-1]))
+
+
 def test_top_deviations_with_nan(isa):
     """A NaN channel gives NaN statistics (and still valid indices); the other channels' picks
     stay exact."""
