@@ -125,12 +125,14 @@ def test_layouts_every_isa_and_schedule(isa, schedule, shape, layout, norm_kwarg
     check(x, norm_kwargs)
 
 
-@pytest.mark.parametrize("norm_kwargs", [dict(norm="l1"), dict(norm="linf")], ids=["l1", "linf"])
-def test_channels_last_beyond_caches(isa, norm_kwargs):
-    """Channels-last tensors of 4 MiB or more with rows of several vectors take their element
-    passes and sums row by row (parameters, accumulators and means loaded for every vector);
-    83 channels leave a short last vector in every row."""
-    x = channels_last(batch((17, 83, 28, 28), torch.float32))
+@pytest.mark.parametrize("norm_kwargs", [dict(norm="l2"), dict(norm="l1"), dict(norm="linf")], ids=["l2", "l1", "linf"])
+@pytest.mark.parametrize("shape", [(17, 83, 28, 28), (34, 40, 28, 28)], ids=["83-channels", "40-channels"])
+def test_channels_last_beyond_caches(isa, shape, norm_kwargs):
+    """Channels-last tensors of 4 MiB or more read their whole rows in memory order, fetching
+    ahead where a vector is a cache line: rows of more than four vectors one by one
+    (parameters, accumulators and means loaded for every vector), rows of up to four in blocks
+    of rows. 83 and 40 channels leave a short last vector in every row."""
+    x = channels_last(batch(shape, torch.float32))
     assert x.numel() * x.element_size() >= 4 << 20
     check(x, norm_kwargs, steps=1)
 

@@ -177,6 +177,24 @@ LPNORM_INLINE void unrolled(Fn&& fn) {
 // Tensors at least this big are read from memory, not from the caches (2 MiB L2 per core).
 constexpr int64_t kBeyondCachesBytes = int64_t{4} << 20;
 
+// Channels-innermost passes over whole rows of a tensor beyond the caches fetch the line
+// kFetchAheadBytes further on in memory with every vector they read, where a vector is a
+// whole line (AVX-512 float32, float64): a line per load in short row blocks, the passes read
+// at a third of the speed of torch's x.sum(). Where two vectors share a line (bfloat16,
+// AVX2 float32) the reads kept up without help, and fetching made (32, 64, 56, 56)
+// channels-last bfloat16 forward+backward 25-35% slower at 2 threads.
+constexpr int64_t kFetchAheadBytes = int64_t{8} << 10;
+template <typename T>
+bool fetches_ahead(const Layout& l, int64_t channels) {
+  return kLanes<T> * sizeof(T) >= kLineBytes && channels == l.C &&
+         l.count() * l.C * static_cast<int64_t>(sizeof(T)) >= kBeyondCachesBytes;
+}
+template <typename T>
+LPNORM_INLINE void fetch_ahead(const T* p) {
+  // Addresses only (a prefetch past the tensor is harmless; the pointer is never formed).
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + kFetchAheadBytes), 0);
+}
+
 // Whether a channels-innermost pass takes its rows one by one, in memory order, loading the
 // per-channel state of every vector (`state_vectors` per vector of channels: parameters,
 // accumulators, means) from L1: for wide rows (more than one chunk of vectors) of a tensor
