@@ -189,6 +189,7 @@ bool fetches_ahead(const Layout& l, int64_t channels) {
   return kLanes<T> * sizeof(T) >= kLineBytes && channels == l.C &&
          l.count() * l.C * static_cast<int64_t>(sizeof(T)) >= kBeyondCachesBytes;
 }
+constexpr int64_t kFetchAheadRows = 32;  // the top-k lists' walks over spans of wider rows (reductions.h)
 template <typename T>
 LPNORM_INLINE void fetch_ahead(const T* p) {
   // Addresses only (a prefetch past the tensor is harmless; the pointer is never formed).
