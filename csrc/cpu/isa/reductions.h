@@ -324,11 +324,12 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
     op(xv, gv, m, a0, a1);
     offer(xv);
   };
-  // The lines kFetchAheadBytes past the row at `offset`'s vector gi, in x and g.
+  // The lines fetch_distance past the row at `offset`'s vector gi, in x and g.
+  const int64_t distance = fetch_distance<T>(l);
   auto fetch_vector = [&](int64_t offset, int64_t gi) {
     const int64_t at = offset + t.c_begin + gi * W;
-    fetch_ahead(x + at);
-    if (g != nullptr) fetch_ahead(g + at);
+    fetch_ahead(x + at, distance);
+    if (g != nullptr) fetch_ahead(g + at, distance);
   };
   // Whole rows of a tensor beyond the caches are read in memory order and fetched ahead
   // ((32, 64, 56, 56) channels-last float32, 1 thread: l1's sum and deviation passes
@@ -336,14 +337,14 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
   // for torch's x.sum()). Spans of wider rows are not: their next rows' pieces are far apart.
   const bool fetch = fetches_ahead<T>(l, channels);
   // The lists' walks over spans of wider rows beyond the caches fetch their rows' pieces
-  // kFetchAheadRows rows on, a block of rows at a time: pieces a row apart are streams too
+  // kListFetchRows rows on, a block of rows at a time: pieces a row apart are streams too
   // short for the hardware prefetcher ((32, 128, 40, 40) channels-last float32 1 thread, stats
   // pass: linf 0.80-0.83 -> 0.73-0.77 ms, topk 1.52-1.60 -> 1.24-1.31). Not whole rows, which it
   // follows: (32, 64, 56, 56) 5-8% slower that way.
   const bool fetch_rows =
       Ext::kActive && channels < l.C && l.count() * l.C * static_cast<int64_t>(sizeof(T)) >= kBeyondCachesBytes;
   const int64_t row_stride = l.S > 1 ? l.stride_s : l.stride_n;
-  const uintptr_t fetch_rows_bytes = static_cast<uintptr_t>(kFetchAheadRows * row_stride) * sizeof(T);
+  const uintptr_t fetch_rows_bytes = static_cast<uintptr_t>(kListFetchRows * row_stride) * sizeof(T);
   const uintptr_t piece_bytes = static_cast<uintptr_t>(channels) * sizeof(T);
   int steps = 0;  // rows summed in float since the last fold
   if constexpr (Ext::kActive) lists.start(groups, ext.per_end, t.row_end - t.row_begin, t.row_begin);

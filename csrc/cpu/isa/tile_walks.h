@@ -178,23 +178,40 @@ LPNORM_INLINE void unrolled(Fn&& fn) {
 constexpr int64_t kBeyondCachesBytes = int64_t{4} << 20;
 
 // Channels-innermost passes over whole rows of a tensor beyond the caches fetch the line
-// kFetchAheadBytes further on in memory with every vector they read, where a vector is a
-// whole line (AVX-512 float32, float64): a line per load in short row blocks, the passes read
-// at a third of the speed of torch's x.sum(). Where two vectors share a line (bfloat16,
-// AVX2 float32) the reads kept up without help, and fetching made (32, 64, 56, 56)
-// channels-last bfloat16 forward+backward 25-35% slower at 2 threads.
-constexpr int64_t kFetchAheadBytes = int64_t{8} << 10;
+// fetch_distance further on in memory with every vector they read, where a vector is a whole
+// line (AVX-512 float32, float64): a line per load in short row blocks, the passes read at a
+// third of the speed of torch's x.sum(). Where two vectors share a line (bfloat16, AVX2
+// float32) the reads kept up without help, and fetching made (32, 64, 56, 56) channels-last
+// bfloat16 forward+backward 25-35% slower at 2 threads.
 template <typename T>
 bool fetches_ahead(const Layout& l, int64_t channels) {
   return kLanes<T> * sizeof(T) >= kLineBytes && channels == l.C &&
          l.count() * l.C * static_cast<int64_t>(sizeof(T)) >= kBeyondCachesBytes;
 }
-constexpr int64_t kFetchAheadRows = 32;  // the top-k lists' walks over spans of wider rows (reductions.h)
+// The distance in elements: 8 KiB, or a block of rows for rows wider than 512 bytes, whose
+// walks take a block's rows a few vectors at a time (8 KiB was 4 rows of (32, 512, 20, 20),
+// within the block: its sum pass 2.3 -> 2.6-2.7 x.sum()s, against 1.6 at 64 channels).
+constexpr int64_t kFetchAheadBytes = int64_t{8} << 10;
+constexpr int64_t kFetchAheadRows = 16;
 template <typename T>
-LPNORM_INLINE void fetch_ahead(const T* p) {
-  // Addresses only (a prefetch past the tensor is harmless; the pointer is never formed).
-  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + kFetchAheadBytes), 0);
+int64_t fetch_distance(const Layout& l) {
+  const int64_t row_stride = l.S > 1 ? l.stride_s : l.stride_n;
+  return std::max<int64_t>(kFetchAheadBytes / static_cast<int64_t>(sizeof(T)), kFetchAheadRows * row_stride);
 }
+template <typename T>
+LPNORM_INLINE void fetch_ahead(const T* p, int64_t distance) {
+  // Addresses only (a prefetch past the tensor is harmless; the pointer is never formed).
+  const uintptr_t at = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(distance) * sizeof(T);
+#if defined(__x86_64__)
+  // In asm: GCC 12 dropped most __builtin_prefetch calls of the walks where the distance was
+  // not a constant, or where the fetch came after the vector's use.
+  asm volatile("prefetcht0 (%0)" : : "r"(at));
+#else
+  __builtin_prefetch(reinterpret_cast<const void*>(at), 0);
+#endif
+}
+// The top-k lists' walks over spans of wider rows fetch this many rows on (reductions.h).
+constexpr int64_t kListFetchRows = 32;
 
 // Whether a channels-innermost pass takes its rows one by one, in memory order, loading the
 // per-channel state of every vector (`state_vectors` per vector of channels: parameters,
