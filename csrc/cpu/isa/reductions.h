@@ -390,9 +390,7 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
           if (fetch_rows) {
             for (int q = 0; q < rows; ++q) {
               const uintptr_t piece = reinterpret_cast<uintptr_t>(x + offsets[q] + t.c_begin) + fetch_rows_bytes;
-              for (uintptr_t b = 0; b < piece_bytes; b += kLineBytes) {
-                __builtin_prefetch(reinterpret_cast<const void*>(piece + b), 0);
-              }
+              for (uintptr_t b = 0; b < piece_bytes; b += kLineBytes) fetch_line(piece + b);
             }
           }
         }

@@ -198,10 +198,8 @@ int64_t fetch_distance(const Layout& l) {
   const int64_t row_stride = l.S > 1 ? l.stride_s : l.stride_n;
   return std::max<int64_t>(kFetchAheadBytes / static_cast<int64_t>(sizeof(T)), kFetchAheadRows * row_stride);
 }
-template <typename T>
-LPNORM_INLINE void fetch_ahead(const T* p, int64_t distance) {
-  // Addresses only (a prefetch past the tensor is harmless; the pointer is never formed).
-  const uintptr_t at = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(distance) * sizeof(T);
+// A prefetch of the line at `at` (an address only: past the tensor it is harmless).
+LPNORM_INLINE void fetch_line(uintptr_t at) {
 #if defined(__x86_64__)
   // In asm: GCC 12 dropped most __builtin_prefetch calls of the walks where the distance was
   // not a constant, or where the fetch came after the vector's use.
@@ -209,6 +207,10 @@ LPNORM_INLINE void fetch_ahead(const T* p, int64_t distance) {
 #else
   __builtin_prefetch(reinterpret_cast<const void*>(at), 0);
 #endif
+}
+template <typename T>
+LPNORM_INLINE void fetch_ahead(const T* p, int64_t distance) {
+  fetch_line(reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(distance) * sizeof(T));
 }
 // The top-k lists' walks over spans of wider rows fetch this many rows on (reductions.h).
 constexpr int64_t kListFetchRows = 32;
