@@ -15,6 +15,7 @@ namespace lpnorm::cpu::LPNORM_ISA_NAMESPACE {
 namespace {
 
 struct SumOp {
+  static constexpr bool kRowsWhenFetched = true;  // see reduce_channels_innermost
   template <typename V>
   LPNORM_INLINE void operator()(V x, V, V, V& s0, V&) const {
     s0 += x;
@@ -22,6 +23,7 @@ struct SumOp {
 };
 
 struct ShiftedSumsOp {  // around a pivot close to the mean, so the squares barely cancel
+  static constexpr bool kRowsWhenFetched = true;
   template <typename V>
   LPNORM_INLINE void operator()(V x, V, V pivot, V& s0, V& s1) const {
     const V d = x - pivot;
@@ -31,6 +33,7 @@ struct ShiftedSumsOp {  // around a pivot close to the mean, so the squares bare
 };
 
 struct GradSumsOp {
+  static constexpr bool kRowsWhenFetched = true;  // see reduce_channels_innermost
   template <typename V>
   LPNORM_INLINE void operator()(V x, V g, V mean, V& s0, V& s1) const {
     s0 += g;
@@ -40,6 +43,7 @@ struct GradSumsOp {
 
 template <PhiKind kPhi, typename A>
 struct DeviationOp {
+  static constexpr bool kRowsWhenFetched = false;
   A power;
   template <typename V>
   LPNORM_INLINE void operator()(V x, V, V mean, V& s0, V& s1) const {
@@ -355,18 +359,30 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
     // accumulators and means in L1: (32, C, H, W) channels-last float32, ~25 MB, 1 thread, the
     // sum pass took 1.9-2.5x torch's x.sum() in blocks and chunks, this 1.3-1.5x at C = 128-256
     // (the l1 deviation pass 3.0-3.6x -> 1.4-2.3x); at C = 512 neither order won, so at most
-    // 4 KiB of the two accumulators and the mean.
-    if (!Ext::kActive && fetch && walks_row_by_row<T>(l, groups, 3, 4 << 10)) {
+    // 4 KiB of the two accumulators and the mean. Fetched ahead, the sums read at memory speed
+    // row by row up to 16 KiB of them (C = 512: the backward's sums 1.90-2.21 -> 0.93-1.03 ms,
+    // torch.dot(x, g) 0.93-1.07), but the deviation pass in blocks (C = 128-256: 0.74-0.78 ->
+    // 0.38-0.47 ms).
+    const bool by_row = fetch ? Op::kRowsWhenFetched && walks_row_by_row<T>(l, groups, 3, 16 << 10)
+                              : walks_row_by_row<T>(l, groups, 3, 4 << 10);
+    auto walk_rows = [&](auto fetch_rows) {
       for_each_row(l, row_begin, row_end, [&](int64_t, int64_t offset) {
         if (++steps > kFoldEvery) {
           fold();
           steps = 1;
         }
         for (int64_t gi = 0; gi < groups; ++gi) {
-          fetch_vector(offset, gi);
+          if constexpr (decltype(fetch_rows)::value) fetch_vector(offset, gi);
           visit(offset, gi, gi + 1 < groups ? W : tail, mean_of(gi), s0[gi], s1[gi], [](V) {});
         }
       });
+    };
+    if (!Ext::kActive && by_row) {
+      if (fetch) {
+        walk_rows(std::true_type{});
+      } else {
+        walk_rows(std::false_type{});
+      }
     } else {
       // A block of rows is taken a few vectors of channels at a time, over all its rows, the
       // accumulators, means and one-level lists of those vectors in registers. (One accumulator
