@@ -137,6 +137,15 @@ def test_channels_last_beyond_caches(isa, shape, norm_kwargs):
     check(x, norm_kwargs, steps=1)
 
 
+@pytest.mark.parametrize("norm_kwargs", [dict(norm="l2"), dict(norm="l1"), dict(norm="linf")], ids=["l2", "l1", "linf"])
+def test_channel_major_beyond_caches(isa, norm_kwargs):
+    """NCHW tensors of 4 MiB or more fetch their long planes ahead, and near a plane's end the
+    channel's next plane: sums and element passes over 26 KB planes, 20 channels."""
+    x = batch((8, 20, 80, 82), torch.float32)
+    assert x.numel() * x.element_size() >= 4 << 20
+    check(x, norm_kwargs, steps=1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("norm_kwargs", [dict(norm="l2"), dict(norm="topk", k=3)], ids=["l2", "topk"])
 @pytest.mark.parametrize("shape,layout", CASES + [((2, 3, 64, 70), contiguous), ((2, 3, 64, 70), misaligned),

@@ -151,6 +151,7 @@ void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g
         }
       }
       const V m = splat<V>(static_cast<A>(mean != nullptr ? mean[c] : 0.0));
+      const bool fetch_runs = !Ext::kActive && fetches_ahead<T>(l, l.C);
       V s0a{}, s0b{}, s1a{}, s1b{};
       double t0 = 0, t1 = 0;
       int steps = 0;
@@ -206,8 +207,13 @@ void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g
           }
         };
         const uint32_t all = W == 32 ? ~0u : (1u << W) - 1u;
+        const bool fetch = fetch_runs && stride == 1 && length >= kFetchRunElements<T>;
         int64_t i = 0;
         for (; i + 2 * W <= length; i += 2 * W) {
+          if (fetch) {
+            fetch_run_ahead<2>(px, i, length, l.stride_n);
+            if (pg != nullptr) fetch_run_ahead<2>(pg, i, length, l.stride_n);
+          }
           const V x0 = load_run(px + i * stride, stride, W), x1 = load_run(px + (i + W) * stride, stride, W);
           V g0{}, g1{};
           if (pg != nullptr) {

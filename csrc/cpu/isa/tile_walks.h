@@ -212,6 +212,19 @@ template <typename T>
 LPNORM_INLINE void fetch_ahead(const T* p, int64_t distance) {
   fetch_line(reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(distance) * sizeof(T));
 }
+// Channel-major: runs of at least this many elements fetch ahead too, the run's own lines
+// and, near its end, the first ones of the next run the walk takes, `next` elements on from
+// this one's start (the channel's next plane, or the next channel's in memory order).
+template <typename T>
+constexpr int64_t kFetchRunElements = 1024 / sizeof(T);
+// The lines of elements [i, i + kVectors * W) of a run, kFetchAheadBytes on.
+template <int kVectors, typename T>
+LPNORM_INLINE void fetch_run_ahead(const T* run, int64_t i, int64_t length, int64_t next) {
+  const int64_t ahead = i + kFetchAheadBytes / static_cast<int64_t>(sizeof(T));
+  const int64_t at = ahead < length ? ahead : next + (ahead - length);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(run) + static_cast<uintptr_t>(at) * sizeof(T);
+  for (uintptr_t b = 0; b < kVectors * kLanes<T> * sizeof(T); b += kLineBytes) fetch_line(p + b);
+}
 // The top-k lists' walks over spans of wider rows fetch this many rows on (reductions.h).
 constexpr int64_t kListFetchRows = 32;
 
