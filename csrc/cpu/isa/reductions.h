@@ -375,7 +375,7 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
     // lambdas' captures, GCC reloaded x, g and the accumulators' addresses for every vector
     // once the code around it changed: (32, 128, 40, 40) sum pass 1.8 -> 2.3 x.sum()s. Now
     // (32, 512, 20, 20) 0.72-0.77 -> 0.44-0.45 ms, x.sum() 0.31.)
-    auto walk_rows = [&](auto fetch_rows, auto with_grad) {
+    auto walk_rows = [&](auto fetching, auto with_grad) {
       const T* const xt = x + t.c_begin;
       const T* const gt = decltype(with_grad)::value ? g + t.c_begin : nullptr;
       V* const acc0 = s0.data();
@@ -391,7 +391,7 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
         const T* const px = xt + offset;
         for (int64_t gi = 0; gi < vectors; ++gi) {
           const int64_t at = gi * W;
-          if constexpr (decltype(fetch_rows)::value) {
+          if constexpr (decltype(fetching)::value) {
             fetch_ahead(px + at, ahead);
             if constexpr (decltype(with_grad)::value) fetch_ahead(gt + offset + at, ahead);
           }
@@ -412,11 +412,11 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
       });
     };
     if (!Ext::kActive && by_row) {
-      auto with_fetch = [&](auto fetch_rows) {
+      auto with_fetch = [&](auto fetching) {
         if (g != nullptr) {
-          walk_rows(fetch_rows, std::true_type{});
+          walk_rows(fetching, std::true_type{});
         } else {
-          walk_rows(fetch_rows, std::false_type{});
+          walk_rows(fetching, std::false_type{});
         }
       };
       if (fetch) {
@@ -483,7 +483,7 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
               });
             };
             if constexpr (!Ext::kActive) {
-              if (fetch) {  // (each_row with the fetch in its offer: GCC dropped most fetches)
+              if (fetch) {  // each vector's line fetched before the vector is read
                 for (int q = 0; q < rows; ++q) {
                   unrolled<G>([&](auto gi) {
                     fetch_vector(offsets[q], g0 + gi);
