@@ -114,6 +114,7 @@ void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g
   // 15% slower). held: the kind of the extreme lists the walk keeps in registers for the
   // channel it is on (vector_lists.h), written back to their Candidates when it moves to
   // another list (chunk, channel); or ListsInMemory.
+  const bool fetch_runs = !Ext::kActive && fetches_ahead<T>(l, l.C);  // see fetch_run_ahead
   auto walk = [&](auto unit, auto whole_tails, auto held) __attribute__((always_inline)) {
     using Held = decltype(held);
     constexpr bool in_registers = !std::is_same_v<Held, ListsInMemory>;
@@ -151,7 +152,6 @@ void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g
         }
       }
       const V m = splat<V>(static_cast<A>(mean != nullptr ? mean[c] : 0.0));
-      const bool fetch_runs = !Ext::kActive && fetches_ahead<T>(l, l.C);
       V s0a{}, s0b{}, s1a{}, s1b{};
       double t0 = 0, t1 = 0;
       int steps = 0;
@@ -351,10 +351,8 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
   // short for the hardware prefetcher ((32, 128, 40, 40) channels-last float32 1 thread, stats
   // pass: linf 0.80-0.83 -> 0.73-0.77 ms, topk 1.52-1.60 -> 1.24-1.31). Not whole rows, which it
   // follows: (32, 64, 56, 56) 5-8% slower that way.
-  const bool fetch_rows =
-      Ext::kActive && channels < l.C && l.count() * l.C * static_cast<int64_t>(sizeof(T)) >= kBeyondCachesBytes;
-  const int64_t row_stride = l.S > 1 ? l.stride_s : l.stride_n;
-  const uintptr_t fetch_rows_bytes = static_cast<uintptr_t>(kListFetchRows * row_stride) * sizeof(T);
+  const bool fetch_rows = Ext::kActive && channels < l.C && beyond_caches<T>(l);
+  const uintptr_t fetch_rows_bytes = static_cast<uintptr_t>(kListFetchRows * row_stride(l)) * sizeof(T);
   const uintptr_t piece_bytes = static_cast<uintptr_t>(channels) * sizeof(T);
   int steps = 0;  // rows summed in float since the last fold
   if constexpr (Ext::kActive) lists.start(groups, ext.per_end, t.row_end - t.row_begin, t.row_begin);

@@ -176,6 +176,12 @@ LPNORM_INLINE void unrolled(Fn&& fn) {
 
 // Tensors at least this big are read from memory, not from the caches (2 MiB L2 per core).
 constexpr int64_t kBeyondCachesBytes = int64_t{4} << 20;
+template <typename T>
+bool beyond_caches(const Layout& l) {
+  return l.count() * l.C * static_cast<int64_t>(sizeof(T)) >= kBeyondCachesBytes;
+}
+// Channels-innermost: elements from one row to the next within a sample.
+inline int64_t row_stride(const Layout& l) { return l.S > 1 ? l.stride_s : l.stride_n; }
 
 // Channels-innermost passes over whole rows of a tensor beyond the caches fetch the line
 // fetch_distance further on in memory with every vector they read, where a vector is a whole
@@ -185,8 +191,7 @@ constexpr int64_t kBeyondCachesBytes = int64_t{4} << 20;
 // bfloat16 forward+backward 25-35% slower at 2 threads.
 template <typename T>
 bool fetches_ahead(const Layout& l, int64_t channels) {
-  return kLanes<T> * sizeof(T) >= kLineBytes && channels == l.C &&
-         l.count() * l.C * static_cast<int64_t>(sizeof(T)) >= kBeyondCachesBytes;
+  return kLanes<T> * sizeof(T) >= kLineBytes && channels == l.C && beyond_caches<T>(l);
 }
 // The distance in elements: 8 KiB, or a block of rows for rows wider than 512 bytes, whose
 // walks take a block's rows a few vectors at a time (8 KiB was 4 rows of (32, 512, 20, 20),
@@ -195,8 +200,7 @@ constexpr int64_t kFetchAheadBytes = int64_t{8} << 10;
 constexpr int64_t kFetchAheadRows = 16;
 template <typename T>
 int64_t fetch_distance(const Layout& l) {
-  const int64_t row_stride = l.S > 1 ? l.stride_s : l.stride_n;
-  return std::max<int64_t>(kFetchAheadBytes / static_cast<int64_t>(sizeof(T)), kFetchAheadRows * row_stride);
+  return std::max<int64_t>(kFetchAheadBytes / static_cast<int64_t>(sizeof(T)), kFetchAheadRows * row_stride(l));
 }
 // A prefetch of the line at `at` (an address only: past the tensor it is harmless).
 LPNORM_INLINE void fetch_line(uintptr_t at) {
@@ -234,8 +238,7 @@ constexpr int64_t kListFetchRows = 32;
 // beyond the caches, while that state stays within `max_state_bytes` (measured at the callers).
 template <typename T>
 bool walks_row_by_row(const Layout& l, int64_t groups, int64_t state_vectors, int64_t max_state_bytes) {
-  const bool beyond_caches = l.count() * l.C * static_cast<int64_t>(sizeof(T)) >= kBeyondCachesBytes;
-  return beyond_caches && groups > kChunkGroups && groups * state_vectors * kBytes <= max_state_bytes;
+  return beyond_caches<T>(l) && groups > kChunkGroups && groups * state_vectors * kBytes <= max_state_bytes;
 }
 
 // out[i] += v[i] for every lane, in double, a vector at a time (lane by lane, the fold took a
