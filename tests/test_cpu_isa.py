@@ -231,6 +231,31 @@ def test_channels_innermost_extremes_in_lanes(isa, schedule, norm_kwargs, dtype)
     check(batch((24, 150), dtype), norm_kwargs, steps=1)
 
 
+def sawtooth_rows(rows, channels, period, dtype):
+    """(rows, channels): channel c climbs (even c) or falls (odd c) by one every 3 rows, from 0
+    again every `period` rows (ties in threes); the last 4 channels are Gaussian."""
+    r = torch.arange(rows, dtype=torch.float64)
+    ramp = torch.div(r % period, 3, rounding_mode="floor")
+    sign = torch.tensor([1.0 if c % 2 == 0 else -1.0 for c in range(channels)], dtype=torch.float64)
+    x = ramp[:, None] * sign[None, :]
+    x[:, -4:] = torch.randn(rows, 4, dtype=torch.float64)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm_kwargs", [dict(norm="topk", k=10), dict(norm="topk", k=10, chunks=2),
+                                         dict(norm="linf"), dict(norm="topk", k=23)],
+                         ids=["topk10", "topk10-chunks2", "linf", "topk23"])
+def test_lane_lists_flushed_mid_chunk(isa, schedule, norm_kwargs, dtype):
+    """Channels-innermost lists of long channels flush when their copies fill up (every row
+    beats the bounds of a climbing or falling channel: one flush per 2048 rows here) and keep
+    their network's bounds for the rest of the chunk; a new chunk starts from nothing (the
+    sawtooth starts again at 0 there, below the first chunk's bounds)."""
+    x = sawtooth_rows(6000, 20, 3000, dtype)
+    check(x, norm_kwargs, steps=1)
+    check(x.view(1500, 2, 2, 20).permute(0, 3, 1, 2), norm_kwargs, steps=1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("norm_kwargs", NORMS, ids=NORM_IDS)
 def test_wide_fused_spans(isa, norm_kwargs, dtype):

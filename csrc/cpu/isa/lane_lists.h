@@ -117,10 +117,17 @@ struct LaneLists {
                          bytes(slot_values) + bytes(slot_rows);
     if (kept > kKeptBytes) *this = LaneLists{};
   }
-  void reset(int64_t first_row) {
+  // `same_chunk`: the rows from first_row on are of the chunk whose lists were just flushed.
+  // Then a network of bounds (levels > 1, in registers: select_rows) keeps its values, each a
+  // value of an earlier row already in the chunk's lists: the copies must still beat its k-th
+  // value to matter (ties go to the earlier row), and the walk does not copy nearly every
+  // vector again until the network refills ((32, 64, 56, 56) channels-last topk: a flush each
+  // 2048 copies restarted from -inf).
+  void reset(int64_t first_row, bool same_chunk = false) {
     base = first_row;
     full = false;
-    for (int64_t l = 0; l < groups * 2; ++l) {
+    const bool keep_bounds = same_chunk && !dense && levels > 1 && levels <= kMaxLevels;
+    for (int64_t l = 0; l < groups * 2 && !keep_bounds; ++l) {
       for (int64_t j = 0; j < levels; ++j) {
         values[l * levels + j] = splat<V>((j < levels - per_end ? 1 : -1) * std::numeric_limits<A>::infinity());
       }
@@ -178,13 +185,15 @@ struct LaneLists {
   // The k-th values of `group`'s two ends, which a vector must beat to be copied: the walk
   // keeps them in registers and asks again after each copy (an insert may have raised them).
   struct Bounds {
-    V up, down;
+    V up, low;  // the upper end's k-th value, and minus the lower end's (x < low beats it)
     // One test for both ends: after the first rows most vectors beat neither k-th value.
-    LPNORM_INLINE bool beaten_by(V x) const { return bitmask((x > up) | (-x > down)) != 0; }
+    // Compares into mask bits, and no negated x ((32, 64, 56, 56) channels-last topk stats
+    // pass: a vector compare moved to mask bits and -x were 3 of its 10 instructions a vector).
+    LPNORM_INLINE bool beaten_by(V x) const { return (lanes_above(x, up) | lanes_above(low, x)) != 0; }
   };
   LPNORM_INLINE Bounds bounds(int64_t group) const {
     const V* up = values.data() + group * 2 * levels;
-    return {up[levels - 1], up[2 * levels - 1]};
+    return {up[levels - 1], -up[2 * levels - 1]};
   }
   // x (row r) into `group`'s copies, where it beats bounds(group).
   LPNORM_INLINE void copy(int64_t group, V x, int64_t r) {

@@ -300,7 +300,9 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
       s0[gi] = s1[gi] = V{};
     }
   };
-  auto flush = [&](int64_t next_row) {  // lists to the Candidates, restart at next_row
+  // Lists to the Candidates, restart at next_row; `same_chunk`: the next rows are of the same
+  // chunk (see LaneLists::reset).
+  auto flush = [&](int64_t next_row, bool same_chunk) {
     if constexpr (Ext::kActive) {
       // The last flush of a whole channel, where the caller needs only the largest |x - mean|
       // (t0: the sums of one part, all of the channel).
@@ -313,7 +315,7 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
       for (int64_t gi = 0; gi < groups; ++gi) {
         lists.flush(ext, gi, t.c_begin + gi * W, gi + 1 < groups ? W : tail, whole);
       }
-      lists.reset(next_row);
+      lists.reset(next_row, same_chunk);
     }
   };
   auto mean_of = [&](int64_t gi) {
@@ -432,10 +434,8 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
       for_each_row_step<kBlockRows>(l, row_begin, row_end, split, [&](int64_t r0, const int64_t* offsets, int rows) {
         if constexpr (Ext::kActive) {
           // The lists restart where a chunk starts and before their relative rows would overflow.
-          if ((split != kNoSplit && r0 % split == 0 && r0 != lists.base) ||
-              r0 + rows - lists.base > LaneLists<A>::kMaxSpan) {
-            flush(r0);
-          }
+          const bool chunk_starts = split != kNoSplit && r0 % split == 0 && r0 != lists.base;
+          if (chunk_starts || r0 + rows - lists.base > LaneLists<A>::kMaxSpan) flush(r0, !chunk_starts);
         }
         if (steps + rows > kFoldEvery) {
           fold();
@@ -520,7 +520,7 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
         }
         steps += rows;
         if constexpr (Ext::kActive) {
-          if (lists.full) flush(r0 + rows);
+          if (lists.full) flush(r0 + rows, true);
         }
       });
     }
@@ -529,7 +529,7 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
     walk_part(parts.tiles[j].row_begin, parts.tiles[j].row_end);
     fold();
     steps = 0;
-    if (j + 1 == parts.count) flush(t.row_end);
+    if (j + 1 == parts.count) flush(t.row_end, false);
     for (int64_t c = 0; c < channels; ++c) {
       out0[j * l.C + t.c_begin + c] = t0[c];
       if (out1 != nullptr) out1[j * l.C + t.c_begin + c] = t1[c];
