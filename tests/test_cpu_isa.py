@@ -510,6 +510,25 @@ def test_top_deviations_of_channel_major_lists(isa, dtype, k, shape):
     assert torch.equal(index, reference_top_indices(x, k, 1))
 
 
+@pytest.mark.parametrize("data", ["integers", "gaussian"])
+@pytest.mark.parametrize("k", [17, 20, 24, 25, 32, 33])
+@pytest.mark.parametrize("shape,layout", [((256, 40), contiguous), ((3000, 20), contiguous),
+                                          ((64, 20, 4, 4), channels_last)], ids=["256-rows", "3000-rows", "nhwc"])
+def test_top_deviations_past_sixteen_levels(isa, schedule, shape, layout, k, data):
+    """Channels-innermost top-k networks of 24 and 32 levels (k = 17-32: block maxima and the
+    bound's candidates ranked in slots) and past them (k = 33: every copy, exact): the saved
+    indices are the reference's, on spans that copy every vector (256 rows) and that test each
+    (3000 rows)."""
+    gen = torch.Generator().manual_seed(k)
+    raw = torch.randint(-5, 6, shape, generator=gen).float() if data == "integers" else torch.randn(shape, generator=gen)
+    x = layout(raw)
+    index = torch.ops.lpnorm.batch_norm_forward(
+        x, None, None, None, None, True, 0.1, 1e-5, "topk", k, 2.0, 1, "exact", "float")[4]
+    assert torch.equal(index, reference_top_indices(x, k, 1))
+    if data == "gaussian" and k in (20, 32):
+        check(x, dict(norm="topk", k=k), steps=1)
+
+
 def symmetric_offset_data(rows, channels, offset, scale):
     """offset + small integers * scale with each channel's rows paired as r, -r: the mean is the
     offset exactly, so |x - mean| ties across the two ends many times, and the sums are exact in
