@@ -231,6 +231,19 @@ def test_channels_innermost_extremes_in_lanes(isa, schedule, norm_kwargs, dtype)
     check(batch((24, 150), dtype), norm_kwargs, steps=1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("p", [1.0, 1.5, 2.0, 2.7, 3.0, 4.5, 10.0])
+def test_general_p_every_exponent_class(isa, p, dtype):
+    """The general-p norm takes |d|^(p - 1) by multiplications where p - 1 is whole, times a
+    square root where it is a whole and a half, and by std::pow otherwise (2.7): forward,
+    backward and running statistics against the reference, channels-innermost and
+    channel-major, in every build."""
+    for x in (batch((16, 20), dtype), channels_last(batch((4, 20, 5, 3), dtype)), batch((3, 5, 33), dtype)):
+        check(x, dict(norm="p", p=p), steps=1)
+    if dtype == torch.float64:  # past the multiplications' limit (p - 1 = 64): std::pow
+        check(batch((16, 20), dtype) * 0.5, dict(norm="p", p=66.0), steps=1)
+
+
 def sawtooth_rows(rows, channels, period, dtype):
     """(rows, channels): channel c climbs (even c) or falls (odd c) by one every 3 rows, from 0
     again every `period` rows (ties in threes); the last 4 channels are Gaussian."""

@@ -105,7 +105,7 @@ void collect_deviations(const DeviationArgs& a, const Tile& t) {
     using A = AccOf<T>;
     with_phi(a.phi, [&](auto phi) {
       if constexpr (phi.value != PhiKind::None) {
-        const DeviationOp<phi.value, A> op{static_cast<A>(a.power)};
+        const DeviationOp<phi.value, A> op{Power<A>::of(a.power)};
         reduce<T>(a.layout, t, a.x, nullptr, a.mean, op, NoExtremes{}, a.deviation_sum, a.phi_sum);
       }
     });
@@ -141,7 +141,7 @@ void apply_grad(const GradApplyArgs& a, const Tile& t) {
     using T = decltype(tag);
     using A = AccOf<T>;
     with_phi(a.phi, [&](auto phi) {
-      map<T>(a.layout, t, a.x, a.grad, a.grad_x, params, GradApplyOp<phi.value, A>{static_cast<A>(a.power)},
+      map<T>(a.layout, t, a.x, a.grad, a.grad_x, params, GradApplyOp<phi.value, A>{Power<A>::of(a.power)},
              a.stream);
       const int64_t per_channel = a.sparse_per_channel;
       if (per_channel == 0) return;

@@ -18,7 +18,7 @@ struct AffineOp {  // (x - mean) * scale + bias: no cancellation when |mean| >> 
 
 template <PhiKind kPhi, typename A>
 struct GradApplyOp {  // scale_g * g + scale_phi * phi(x - mean) + offset
-  A power;
+  Power<A> power;
   template <typename V>
   LPNORM_INLINE V operator()(V x, V g, const V* k) const {
     if constexpr (kPhi == PhiKind::None) {

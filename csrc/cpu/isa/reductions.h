@@ -44,7 +44,7 @@ struct GradSumsOp {
 template <PhiKind kPhi, typename A>
 struct DeviationOp {
   static constexpr bool kRowsWhenFetched = false;
-  A power;
+  Power<A> power;
   template <typename V>
   LPNORM_INLINE void operator()(V x, V, V mean, V& s0, V& s1) const {
     V q, phi;
