@@ -542,6 +542,23 @@ def test_top_deviations_past_sixteen_levels(isa, schedule, shape, layout, k, dat
         check(x, dict(norm="topk", k=k), steps=1)
 
 
+@pytest.mark.parametrize("data", ["integers", "gaussian"])
+@pytest.mark.parametrize("k,chunks", [(10, 4), (5, 8), (20, 2), (16, 16)])
+@pytest.mark.parametrize("shape,layout", [((256, 40), contiguous), ((16, 40, 4, 4), channels_last)], ids=["2d", "nhwc"])
+def test_chunk_picks_of_whole_channels(isa, schedule, shape, layout, k, chunks, data):
+    """Channels-innermost channels of at most 2048 rows copy every row; with chunks (ghost
+    batches) each chunk's k largest |x - mean| (the whole channel's mean) are picked from its
+    own copies once the walk is done: the saved indices are the reference's, chunk by chunk."""
+    gen = torch.Generator().manual_seed(k * chunks)
+    raw = torch.randint(-4, 5, shape, generator=gen).float() if data == "integers" else torch.randn(shape, generator=gen)
+    x = layout(raw)
+    index = torch.ops.lpnorm.batch_norm_forward(
+        x, None, None, None, None, True, 0.1, 1e-5, "topk", k, 2.0, chunks, "exact", "float")[4]
+    assert torch.equal(index, reference_top_indices(x, k, chunks))
+    if data == "gaussian":
+        check(x, dict(norm="topk", k=k, chunks=chunks), steps=1)
+
+
 def symmetric_offset_data(rows, channels, offset, scale):
     """offset + small integers * scale with each channel's rows paired as r, -r: the mean is the
     offset exactly, so |x - mean| ties across the two ends many times, and the sums are exact in

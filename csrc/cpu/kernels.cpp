@@ -58,8 +58,8 @@ void collect_stats(const StatsArgs& a, const Tile* tiles, int64_t count) {
       core::reset_extremes(a.smallest + (j * C + c) * lists, lists);
     }
   }
-  for (int64_t c = t.c_begin; a.picked != nullptr && c < t.c_end; ++c) {
-    a.picked[c * a.per_end].index = -1;  // not picked (yet)
+  for (int64_t c = t.c_begin * a.chunks; a.picked != nullptr && c < t.c_end * a.chunks; ++c) {
+    a.picked[c * a.per_end].index = -1;  // the channel's chunk not picked (yet)
   }
   if (t.row_end <= t.row_begin) return;
   with_element_type(a.dtype, [&](auto tag) {
@@ -89,7 +89,7 @@ void collect_stats(const StatsArgs& a, const Tile* tiles, int64_t count) {
       reduce_parts<T>(a.layout, parts, a.x, a.pivot, ShiftedSumsOp{}, NoExtremes{}, a.sum, a.sum_sq);
     } else if (a.per_end > 0) {
       const Extremes<AccOf<T>> ext{a.largest, a.smallest, a.chunks, a.per_end, a.layout.count() / a.chunks,
-                                   a.chunks == 1 ? a.picked : nullptr, unset};
+                                   a.picked, unset};
       reduce_parts<T>(a.layout, parts, a.x, nullptr, SumOp{}, ext, a.sum, nullptr);
     } else {
       reduce_parts<T>(a.layout, parts, a.x, nullptr, SumOp{}, NoExtremes{}, a.sum, nullptr);

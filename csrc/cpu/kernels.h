@@ -47,11 +47,11 @@ struct StatsArgs {
   // elements, written here), and `sum` gets sum (x - p), sum_sq sum (x - p)^2.
   double* pivot = nullptr;        // [C]
   double* sum_sq = nullptr;       // [C]
-  // The fused forward's pick (chunks 1, tiles that hold whole channels), [C][per_end]: the
-  // pass may pick a channel's per_end largest |x - mean| itself (core::ChannelSums::picked;
-  // entry 0's index stays -1 where it does not), and the lists need only hold what can be
-  // among them, the mean being sum / count: a list may stop early, always at a prefix of the
-  // full list.
+  // The fused forward's pick (tiles that hold whole channels), [C][chunks][per_end]: the
+  // pass may pick a chunk's per_end largest |x - mean| itself (core::ChannelSums::picked;
+  // entry 0's index stays -1 where it does not), and with one chunk the lists need only hold
+  // what can be among them, the mean being sum / count: a list may stop early, always at a
+  // prefix of the full list.
   core::Deviation* picked = nullptr;
 };
 

@@ -424,11 +424,12 @@ struct LaneLists {
 
   // Lane i of `end` of group gi from its copies, one by one: where more than kSlots values
   // reach the bound (ties, mostly: a constant channel).
-  void select_lane_exact(int64_t gi, int end, int i, A bound) {
+  // Copies [lo, hi) only where hi >= 0 (a chunk's range: pick_chunks).
+  void select_lane_exact(int64_t gi, int end, int i, A bound, int64_t lo = 0, int64_t hi = -1) {
     merged.assign(static_cast<size_t>(per_end), Candidate{});
     core::reset_extremes(merged.data(), per_end);
     const V* x = copies.get() + gi * stride;
-    for (int64_t e = 0; e < copied[gi]; ++e) {
+    for (int64_t e = lo, e_end = hi >= 0 ? hi : copied[gi]; e < e_end; ++e) {
       const A v = end == 0 ? x[e][i] : -x[e][i];
       if (v >= bound) core::offer_extreme(merged.data(), per_end, static_cast<double>(v), row_of(gi, e));
     }
@@ -507,7 +508,10 @@ struct LaneLists {
   // core's pick.
   // (One list instead of two ends' lists merged afterwards: (256, 1024) topk forward, 1 thread,
   // 339-355 -> 277-281 us.)
-  void pick_from_copies(int64_t gi, M valid, core::Deviation* picks) {
+  // The copies [lo, hi) where hi >= 0 (a chunk's: pick_chunks), lane i's picks at
+  // picks + i * lane_stride (lane_stride 0: per_end).
+  void pick_from_copies(int64_t gi, M valid, core::Deviation* picks, int64_t lo = 0, int64_t hi = -1,
+                        int64_t lane_stride = 0) {
     constexpr int S = kSlots;
     constexpr int D = Simd<double>::W;
     typedef A Lanes __attribute__((vector_size(D * sizeof(A))));  // D lanes, widened to double
@@ -521,9 +525,10 @@ struct LaneLists {
     const V* x = copies.get() + gi * stride;
     R* kept = kept_ids.data();
     int64_t kept_count = 0;
-    M id = lane_ids();
+    const int64_t first = lo, last = hi >= 0 ? hi : copied[gi];
     const M step = splat<M>(static_cast<R>(W));
-    for (int64_t e = 0, count = copied[gi]; e < count; ++e, id += step) {
+    M id = lane_ids() + splat<M>(static_cast<R>(first * W));
+    for (int64_t e = first; e < last; ++e, id += step) {
       kept_count += compress(id, lanes_at_least(vabs(x[e] - mean), near) & finite, kept + kept_count);
     }
     int taken[W];
@@ -587,7 +592,7 @@ struct LaneLists {
       const uint32_t ok = (pickable >> (h * D)) & ~bitmask(collapsed) & ((1u << D) - 1);
       for (uint32_t bits = ok; bits != 0; bits &= bits - 1) {
         const int l = __builtin_ctz(bits);
-        core::Deviation* out = picks + (h * D + l) * P;
+        core::Deviation* out = picks + (h * D + l) * (lane_stride > 0 ? lane_stride : P);
         for (int s = 0; s < count[l]; ++s) {
           if (place[s][l] < P) out[place[s][l]] = {value[s][l], row[s][l], key[s][l]};
         }
@@ -595,7 +600,54 @@ struct LaneLists {
       picked_lanes[gi] |= ok << (h * D);
     }
     for (uint32_t bits = lanes & ~picked_lanes[gi]; bits != 0; bits &= bits - 1) {
-      for (int end = 0; end < 2; ++end) select_lane_exact(gi, end, __builtin_ctz(bits), kLowest);
+      for (int end = 0; end < 2; ++end) select_lane_exact(gi, end, __builtin_ctz(bits), kLowest, lo, hi);
+    }
+  }
+  // Where the copies hold every row of whole channels cut into `chunks` chunks of `chunk_rows`
+  // rows (cover_deviations; the walk did not flush where chunks start): each chunk's k largest
+  // |x - mean| from its own copy range through its own network, into picks ([lane][chunks]
+  // [per_end], the walk's channel c0 first). A chunk's lanes that pick_from_copies leaves get
+  // both ends' exact lists of the chunk, written to ext's lists for it; a picked lane's lists
+  // stay as collect_stats reset them.
+  template <typename Ext>
+  void pick_chunks(const Ext& ext, int tail, int64_t c0, core::Deviation* picks, int64_t chunks, int64_t chunk_rows) {
+    const int64_t ids_capacity = (stride + 1) * W;
+    rows.assign(static_cast<size_t>(groups * 2 * per_end * W), kFree);
+    found.resize(rows.size());
+    kept_ids.resize(static_cast<size_t>(2 * ids_capacity));
+    slot_values.resize(static_cast<size_t>((kSlots + 1) * W));
+    slot_rows.resize(slot_values.size());
+    picked_lanes.assign(static_cast<size_t>(groups), 0);
+    constexpr A kInf = std::numeric_limits<A>::infinity();
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const M valid = gi + 1 < groups ? ~M{} : lanes_below<A>(tail);
+      const int lanes = gi + 1 < groups ? W : tail;
+      const int64_t all = copied[gi];
+      for (int64_t j = 0; j < chunks; ++j) {
+        const int64_t lo = j * chunk_rows, hi = lo + chunk_rows;
+        V* network = values.data() + gi * 2 * levels;  // the |x - mean| network, afresh
+        for (int64_t l = 0; l < levels; ++l) network[l] = splat<V>((l < levels - per_end ? 1 : -1) * kInf);
+        inserted[gi] = lo;
+        copied[gi] = hi;
+        insert_copies(gi);
+        copied[gi] = all;
+        picked_lanes[gi] = 0;
+        pick_from_copies(gi, valid, picks + (gi * W * chunks + j) * per_end, lo, hi, chunks * per_end);
+        for (int i = 0; i < lanes; ++i) {
+          if ((picked_lanes[gi] >> i & 1) != 0) continue;
+          for (int end = 0; end < 2; ++end) {
+            Candidate* list = ext.lists(end == 0 ? ext.largest : ext.smallest, c0 + gi * W + i, base + lo);
+            int64_t filled = 0;
+            for (; filled < per_end; ++filled) {
+              const size_t at = static_cast<size_t>(((gi * 2 + end) * per_end + filled) * W + i);
+              if (rows[at] == kFree) break;
+              list[filled] = Candidate{static_cast<double>(found[at]), base + rows[at]};
+            }
+            core::reset_extremes(list + filled, per_end - filled);
+          }
+        }
+      }
+      inserted[gi] = all;
     }
   }
   // The lanes of `group` that pick_from_copies picked.

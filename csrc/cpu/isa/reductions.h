@@ -70,7 +70,7 @@ struct Extremes {
   Candidate* largest;   // [C][chunks][per_end]
   Candidate* smallest;
   int64_t chunks, per_end, chunk_count;
-  core::Deviation* picked = nullptr;  // StatsArgs::picked (null with chunks > 1)
+  core::Deviation* picked = nullptr;  // StatsArgs::picked, [C][chunks][per_end]
   // The lists were not reset (collect_stats): a channels-innermost walk of one part writes
   // them whole at its first flush.
   bool unset = false;
@@ -300,17 +300,24 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
       s0[gi] = s1[gi] = V{};
     }
   };
+  bool chunk_picks = false;  // set below, once the lists know the walk
   // Lists to the Candidates, restart at next_row; `same_chunk`: the next rows are of the same
   // chunk (see LaneLists::reset).
   auto flush = [&](int64_t next_row, bool same_chunk) {
     if constexpr (Ext::kActive) {
       // The last flush of a whole channel, where the caller needs only the largest |x - mean|
       // (t0: the sums of one part, all of the channel).
-      if (ext.picked != nullptr && parts.count == 1 && next_row == t.row_end && lists.base == 0 &&
-          t.row_end == l.count()) {
+      if (ext.picked != nullptr && (ext.chunks == 1 || chunk_picks) && parts.count == 1 && next_row == t.row_end &&
+          lists.base == 0 && t.row_end == l.count()) {
         lists.cover_deviations(t0.data(), channels, l.count());
       }
-      lists.find_rows(tail, ext.picked != nullptr ? ext.picked + t.c_begin * ext.per_end : nullptr);
+      if (chunk_picks && next_row == t.row_end && lists.by_deviation()) {
+        lists.pick_chunks(ext, tail, t.c_begin, ext.picked + t.c_begin * ext.chunks * ext.per_end, ext.chunks,
+                          ext.chunk_count);
+        lists.reset(next_row, false);
+        return;
+      }
+      lists.find_rows(tail, ext.picked != nullptr && ext.chunks == 1 ? ext.picked + t.c_begin * ext.per_end : nullptr);
       const bool whole = ext.unset && parts.count == 1 && lists.base == t.row_begin;  // the first flush
       for (int64_t gi = 0; gi < groups; ++gi) {
         lists.flush(ext, gi, t.c_begin + gi * W, gi + 1 < groups ? W : tail, whole);
@@ -358,6 +365,14 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
   const uintptr_t piece_bytes = static_cast<uintptr_t>(channels) * sizeof(T);
   int steps = 0;  // rows summed in float since the last fold
   if constexpr (Ext::kActive) lists.start(groups, ext.per_end, t.row_end - t.row_begin, t.row_begin);
+  // Chunks of whole channels whose every row the lists copy: no flush where a chunk starts;
+  // each chunk's k largest |x - mean| are picked at the end, once the mean is known
+  // (LaneLists::pick_chunks; (256, 1024) topk with 4 chunks flushed both ends' lists every 64
+  // rows, and core merged them channel by channel).
+  if constexpr (Ext::kActive) {
+    chunk_picks = ext.picked != nullptr && ext.chunks > 1 && parts.count == 1 && t.row_begin == 0 &&
+                  t.row_end == l.count() && lists.dense && lists.levels > 1 && lists.levels <= LaneLists<A>::kMaxLevels;
+  }
   const int64_t split = ext.split();
   // The rows of one part, each part's sums walked as if it were the only one.
   auto walk_part = [&](int64_t row_begin, int64_t row_end) {
@@ -435,7 +450,7 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
         if constexpr (Ext::kActive) {
           // The lists restart where a chunk starts and before their relative rows would overflow.
           const bool chunk_starts = split != kNoSplit && r0 % split == 0 && r0 != lists.base;
-          if (chunk_starts || r0 + rows - lists.base > LaneLists<A>::kMaxSpan) flush(r0, !chunk_starts);
+          if ((chunk_starts && !chunk_picks) || r0 + rows - lists.base > LaneLists<A>::kMaxSpan) flush(r0, !chunk_starts);
         }
         if (steps + rows > kFoldEvery) {
           fold();

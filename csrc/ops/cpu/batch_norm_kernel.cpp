@@ -290,9 +290,9 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
     const bool shifted = spec.kind == core::NormKind::L2 && !in_half;
     const Values<double> pivot = scratch.take<double>(shifted ? buffers * channels : 0);
     const Values<double> sum_sq = scratch.take<double>(pivot.count);
-    // The fused topk forward: the stats pass may pick channels' largest |x - mean| itself.
-    const bool pick_in_pass = plan.fused && spec.kind == core::NormKind::TopK && spec.chunks == 1;
-    const Values<core::Deviation> picked = scratch.take_unset<core::Deviation>(pick_in_pass ? channels * per_end : 0);
+    // The fused topk forward: the stats pass may pick each chunk's largest |x - mean| itself.
+    const bool pick_in_pass = plan.fused && spec.kind == core::NormKind::TopK;
+    const Values<core::Deviation> picked = scratch.take_unset<core::Deviation>(pick_in_pass ? channels * lists : 0);
     // One-chunk extreme norms: each channel's chunk_extremes result and coefficient sum.
     const bool one_chunk = !dense && spec.chunks == 1;
     const Values<double> numerator = scratch.take_unset<double>(one_chunk ? channels : 0);
@@ -323,8 +323,11 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
               deviation.data() + part * channels, phi.data() + part * channels};
     };
     // Channel c's largest |x - mean| where the stats pass picked them (null: from its lists).
+    // With chunks, the chunks' picks, which core tests one by one.
     auto picked_of = [&](int64_t c) -> const core::Deviation* {
-      return pick_in_pass && picked[c * per_end].index != -1 ? picked.data() + c * per_end : nullptr;
+      if (!pick_in_pass) return nullptr;
+      const core::Deviation* picks = picked.data() + c * lists;
+      return spec.chunks > 1 || picks[0].index != -1 ? picks : nullptr;
     };
     // What the passes collected for channel c (part 0 of each buffer: the combined sums).
     auto sums_of = [&](int64_t c) {
