@@ -619,6 +619,11 @@ struct LaneLists {
     slot_rows.resize(slot_values.size());
     picked_lanes.assign(static_cast<size_t>(groups), 0);
     constexpr A kInf = std::numeric_limits<A>::infinity();
+    // Blocks for a chunk's rows, not the channel's (start): a chunk of 64 rows with k = 10
+    // takes every copy, so its bound is exact and its lanes rank about k candidates.
+    const int64_t channel_block = copy_block;
+    copy_block = 1;
+    while (copy_block < kMaxCopyBlock && chunk_rows >= 2 * copy_block * kBlocksPerLevel * per_end) copy_block *= 2;
     for (int64_t gi = 0; gi < groups; ++gi) {
       const M valid = gi + 1 < groups ? ~M{} : lanes_below<A>(tail);
       const int lanes = gi + 1 < groups ? W : tail;
@@ -649,6 +654,7 @@ struct LaneLists {
       }
       inserted[gi] = all;
     }
+    copy_block = channel_block;
   }
   // The lanes of `group` that pick_from_copies picked.
   uint32_t picked(int64_t group) const { return picked_lanes.empty() ? 0 : picked_lanes[group]; }
