@@ -8,7 +8,9 @@
 // The building blocks are in cpu/isa/ (vectors, loads and stores, tile walks, top-k lane lists,
 // reductions, element-wise passes); this file puts them together into the five passes.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "cpu/isa/build.h"
@@ -130,6 +132,59 @@ void reduce_grad(const GradReduceArgs& a, const Tile& t) {
 }
 
 constexpr uint64_t kRepeatSlots = 1024;  // see apply_grad
+// The terms go in the lanes (map_with_lane_terms) from this many per channel (top-k's k times
+// its chunks), with at most kLaneWordsPerTerm words of lane bits (a row and vector of channels
+// each) per term: (256, 1024) has 1.6 at k = 10; a channels-last tensor of many rows does not
+// get them (its few terms cost little one by one). (256, 1024) topk backward, 1 thread: k = 20
+// 129-145 -> 95-112 us; at k = 10 the two ways came out even (88-90 against 81-93).
+constexpr int64_t kLaneTermsFrom = 16, kLaneWordsPerTerm = 8;
+
+// The backward's element pass of a channels-innermost tile with its sparse terms in the lanes
+// (SignedLaneTerms), where each channel's terms in the tile are +-a_c at distinct elements
+// (top-k, L-inf, range of a chunk whose max and min differ) and the tile has few rows per
+// term. The element gets dense + a_c (in the accumulation type), not the dense part and the
+// term summed in double as the terms one by one do. False, having written nothing, where not.
+template <typename T, typename Params, typename Op>
+bool map_with_lane_terms(const GradApplyArgs& a, const Tile& t, const Params& params, const Op& op) {
+  using A = AccOf<T>;
+  using V = VecOf<T>;
+  constexpr int W = kLanes<T>;
+  const int64_t per_channel = a.sparse_per_channel;
+  const int64_t channels = t.c_end - t.c_begin, rows = t.row_end - t.row_begin;
+  const int64_t groups = (channels + W - 1) / W;
+  if (per_channel < kLaneTermsFrom || rows * groups > kLaneWordsPerTerm * per_channel * channels) return false;
+  std::vector<uint32_t> bits(static_cast<size_t>(rows * groups), 0);
+  std::vector<V> magnitude(static_cast<size_t>(groups), V{});
+  for (int64_t ci = 0; ci < channels; ++ci) {
+    const int64_t c = t.c_begin + ci;
+    const int64_t* index = a.sparse_index + c * per_channel;
+    const double* coef = a.sparse_coef + c * per_channel;
+    const double scale = a.coef[c].sparse_scale;
+    double size = 0;  // a_c, once a term is nonzero
+    for (int64_t i = 0; i < per_channel; ++i) {
+      if (index[i] < t.row_begin || index[i] >= t.row_end) continue;
+      const double term = scale * coef[i];
+      if (term == 0) continue;
+      if (size == 0) {
+        size = std::abs(term);
+      } else if (std::abs(term) != size) {  // NaN too
+        return false;
+      }
+      // The sign from the bits, not a branch (mispredicted on every other term).
+      uint64_t term_bits;
+      std::memcpy(&term_bits, &term, sizeof term);
+      uint32_t& word = bits[static_cast<size_t>((index[i] - t.row_begin) * groups + ci / W)];
+      const uint32_t bit = uint32_t{1} << (ci % W + static_cast<int>(term_bits >> 63) * 16);
+      if ((word & bit) != 0) return false;  // an index repeated
+      word |= bit;
+    }
+    magnitude[static_cast<size_t>(ci / W)][ci % W] = static_cast<A>(size);
+  }
+  map_channels_innermost(a.layout, t, static_cast<const T*>(a.x), static_cast<const T*>(a.grad),
+                         static_cast<T*>(a.grad_x), params, op, a.stream,
+                         SignedLaneTerms<V>{bits.data(), magnitude.data(), t.row_begin, groups});
+  return true;
+}
 
 void apply_grad(const GradApplyArgs& a, const Tile& t) {
   if (t.c_end <= t.c_begin || t.row_end <= t.row_begin) return;
@@ -141,9 +196,12 @@ void apply_grad(const GradApplyArgs& a, const Tile& t) {
     using T = decltype(tag);
     using A = AccOf<T>;
     with_phi(a.phi, [&](auto phi) {
-      map<T>(a.layout, t, a.x, a.grad, a.grad_x, params, GradApplyOp<phi.value, A>{Power<A>::of(a.power)},
-             a.stream);
+      const GradApplyOp<phi.value, A> op{Power<A>::of(a.power)};
       const int64_t per_channel = a.sparse_per_channel;
+      if (per_channel > 0 && walk(a.layout) == Walk::ChannelsInnermost && map_with_lane_terms<T>(a, t, params, op)) {
+        return;
+      }
+      map<T>(a.layout, t, a.x, a.grad, a.grad_x, params, op, a.stream);
       if (per_channel == 0) return;
       // The sparse terms: those few elements are recomputed whole (in double), so they are
       // rounded once; phi known at compile time here too ((256, 1024) topk backward: a switch

@@ -32,6 +32,30 @@ struct GradApplyOp {  // scale_g * g + scale_phi * phi(x - mean) + offset
   }
 };
 
+// What a channels-innermost element pass adds to a vector of its output (row r, vector gi of
+// the tile's channels): nothing ...
+struct NoLaneTerms {
+  template <typename V>
+  LPNORM_INLINE V operator()(int64_t, int64_t, V v) const {
+    return v;
+  }
+};
+
+// ... or the backward's sparse terms, where each channel's are +-a_c: bits[(r - row_begin) *
+// groups + gi] holds the vector's lanes whose term is +a_c (bits 0-15) and -a_c (bits 16-31),
+// magnitude[gi] the a_c. (One by one, each element recomputed in double, a term waits on
+// memory ~3 ns; filed into these words it costs ~1.7 ns, and the masked adds a few cycles a
+// vector: see kLaneTermsFrom.)
+template <typename V>
+struct SignedLaneTerms {
+  const uint32_t* bits;
+  const V* magnitude;
+  int64_t row_begin, groups;
+  LPNORM_INLINE V operator()(int64_t r, int64_t gi, V v) const {
+    return add_signed_in_lanes(v, bits[(r - row_begin) * groups + gi], magnitude[gi]);
+  }
+};
+
 // params(c, j): the j-th of the four per-channel parameters of channel c.
 template <typename T, typename Op, typename Params>
 void map_channel_major(const Layout& l, const Tile& t, const T* x, const T* g, T* out, const Params& params,
@@ -126,9 +150,9 @@ void map_channel_major(const Layout& l, const Tile& t, const T* x, const T* g, T
   stream_fence(stream);
 }
 
-template <typename T, typename Op, typename Params>
+template <typename T, typename Op, typename Params, typename Terms = NoLaneTerms>
 void map_channels_innermost(const Layout& l, const Tile& t, const T* x, const T* g, T* out, const Params& params,
-                            const Op& op, bool stream) {
+                            const Op& op, bool stream, const Terms& terms = Terms{}) {
   using A = AccOf<T>;
   using V = VecOf<T>;
   constexpr int W = kLanes<T>;
@@ -146,8 +170,8 @@ void map_channels_innermost(const Layout& l, const Tile& t, const T* x, const T*
   // (32, 64, 56, 56) channels-last float32, 1 thread: 1.10-1.59 -> 0.80-0.95 ms, a copy 0.9.
   const bool fetch = fetches_ahead<T>(l, channels);
   const int64_t distance = fetch_distance<T>(l);
-  // The row at `offset`, vector gi of channels.
-  auto map_vector = [&](int64_t offset, int64_t gi, const V* kv) {
+  // Row r (at `offset`), vector gi of channels.
+  auto map_vector = [&](int64_t r, int64_t offset, int64_t gi, const V* kv) {
     const int64_t at = offset + t.c_begin + gi * W;
     if (fetch) {
       fetch_ahead(x + at, distance);
@@ -155,10 +179,10 @@ void map_channels_innermost(const Layout& l, const Tile& t, const T* x, const T*
     }
     if (gi + 1 < groups || tail == W) {
       const V gv = g != nullptr ? Io<T>::load(g + at) : V{};
-      store_vector(out + at, op(Io<T>::load(x + at), gv, kv), stream);
+      store_vector(out + at, terms(r, gi, op(Io<T>::load(x + at), gv, kv)), stream);
     } else {
       const V gv = g != nullptr ? load_run(g + at, 1, tail) : V{};
-      store_run(out + at, 1, tail, op(load_run(x + at, 1, tail), gv, kv));
+      store_run(out + at, 1, tail, terms(r, gi, op(load_run(x + at, 1, tail), gv, kv)));
     }
   };
   // Four parameters per vector, at most 8 KiB of them; fetched ahead, 32 KiB ((32, 1024, 14,
@@ -170,15 +194,15 @@ void map_channels_innermost(const Layout& l, const Tile& t, const T* x, const T*
     // vectors at a time, their parameters in registers: 2.4-2.7x. At C = 1024, 16 KiB of
     // parameters, the steps win: 1.0-1.2x against 1.6-1.8x; within the caches, (256, 1024),
     // by 5-10%.)
-    for_each_row(l, t.row_begin, t.row_end, [&](int64_t, int64_t offset) {
-      for (int64_t gi = 0; gi < groups; ++gi) map_vector(offset, gi, k.data() + gi * 4);
+    for_each_row(l, t.row_begin, t.row_end, [&](int64_t r, int64_t offset) {
+      for (int64_t gi = 0; gi < groups; ++gi) map_vector(r, offset, gi, k.data() + gi * 4);
     });
   } else {
-    for_each_row_step(l, t.row_begin, t.row_end, kNoSplit, [&](int64_t, const int64_t* offsets, int rows) {
+    for_each_row_step(l, t.row_begin, t.row_end, kNoSplit, [&](int64_t r0, const int64_t* offsets, int rows) {
       with_step_rows(rows, [&](auto count) {
         for (int64_t gi = 0; gi < groups; ++gi) {
           const V kv[4] = {k[gi * 4], k[gi * 4 + 1], k[gi * 4 + 2], k[gi * 4 + 3]};  // in registers for the step
-          for (int q = 0; q < count; ++q) map_vector(offsets[q], gi, kv);
+          for (int q = 0; q < count; ++q) map_vector(r0 + q, offsets[q], gi, kv);
         }
       });
     });

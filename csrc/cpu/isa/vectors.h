@@ -270,6 +270,37 @@ LPNORM_INLINE VD positive_power(VD m, double e) {
   return m > 0 & m < std::numeric_limits<double>::infinity() ? result : m;
 }
 
+// v + a in the lanes whose bit is set in bits [0, W), v - a in those set in bits [16, 16 + W):
+// one word per vector carries both signs (W <= 16 in every build). A lane in both gets
+// (v + a) - a.
+template <typename V>
+LPNORM_INLINE V add_signed_in_lanes(V v, uint32_t bits, V a) {
+  using A = std::remove_reference_t<decltype(v[0])>;
+  static_assert(Simd<A>::W <= 16);
+#if defined(__AVX512F__)
+  if constexpr (sizeof(A) == 4) {
+    const __m512 x = reinterpret_cast<__m512>(v), y = reinterpret_cast<__m512>(a);
+    const __m512 plus = _mm512_mask_add_ps(x, static_cast<__mmask16>(bits), x, y);
+    return reinterpret_cast<V>(_mm512_mask_sub_ps(plus, static_cast<__mmask16>(bits >> 16), plus, y));
+  } else {
+    const __m512d x = reinterpret_cast<__m512d>(v), y = reinterpret_cast<__m512d>(a);
+    const __m512d plus = _mm512_mask_add_pd(x, static_cast<__mmask8>(bits), x, y);
+    return reinterpret_cast<V>(_mm512_mask_sub_pd(plus, static_cast<__mmask8>(bits >> 16), plus, y));
+  }
+#else
+  using M = typename Simd<A>::Mask;
+  using E = std::remove_reference_t<decltype(M{}[0])>;
+  M plus_bit, minus_bit;
+  for (int i = 0; i < Simd<A>::W; ++i) {
+    plus_bit[i] = static_cast<E>(uint32_t{1} << i);
+    minus_bit[i] = static_cast<E>(uint32_t{1} << (16 + i));
+  }
+  const M word = splat<M>(static_cast<E>(bits));
+  v = (word & plus_bit) != 0 ? v + a : v;
+  return (word & minus_bit) != 0 ? v - a : v;
+#endif
+}
+
 // Lane-wise |d|^q and phi(d); `power` used by SignedPower only (q = p there: |d|^p is
 // |d|^(p - 1) * |d|).
 template <PhiKind kPhi, typename V, typename A>
