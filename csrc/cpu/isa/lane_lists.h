@@ -337,6 +337,18 @@ struct LaneLists {
     });
   }
 
+  // The buffers the flush's selection fills (select_rows, pick_chunks): the lists' rows, the
+  // candidates' ids, the slots; returns the room for one end's ids.
+  int64_t prepare_selection() {
+    const int64_t ids_capacity = (stride + 1) * W;  // every lane of every copy, and a vector of room
+    rows.assign(static_cast<size_t>(groups * 2 * per_end * W), kFree);
+    found.resize(rows.size());
+    kept_ids.resize(static_cast<size_t>(2 * ids_capacity));
+    slot_values.resize(static_cast<size_t>((kSlots + 1) * W));
+    slot_rows.resize(slot_values.size());
+    picked_lanes.assign(static_cast<size_t>(groups), 0);
+    return ids_capacity;
+  }
   // The lists from the copies where the network kept a bound: each end's lanes at or above
   // its bound are packed, in row order, into one list of ids per end (branch-free: a loop over
   // the lanes of each copy mispredicted its exit on nearly every one), then dealt to per-lane
@@ -344,13 +356,7 @@ struct LaneLists {
   template <int K>
   void select_rows(int tail, core::Deviation* picks) {
     constexpr int S = kSlots;
-    const int64_t ids_capacity = (stride + 1) * W;  // every lane of every copy, and a vector of room
-    rows.assign(static_cast<size_t>(groups * 2 * per_end * W), kFree);
-    found.resize(rows.size());
-    kept_ids.resize(static_cast<size_t>(2 * ids_capacity));
-    slot_values.resize(static_cast<size_t>((S + 1) * W));
-    slot_rows.resize(slot_values.size());
-    picked_lanes.assign(static_cast<size_t>(groups), 0);
+    const int64_t ids_capacity = prepare_selection();
     for (int64_t gi = 0; gi < groups; ++gi) {
       insert_copies(gi);
       const M valid = gi + 1 < groups ? ~M{} : lanes_below<A>(tail);
@@ -611,13 +617,7 @@ struct LaneLists {
   // stay as collect_stats reset them.
   template <typename Ext>
   void pick_chunks(const Ext& ext, int tail, int64_t c0, core::Deviation* picks, int64_t chunks, int64_t chunk_rows) {
-    const int64_t ids_capacity = (stride + 1) * W;
-    rows.assign(static_cast<size_t>(groups * 2 * per_end * W), kFree);
-    found.resize(rows.size());
-    kept_ids.resize(static_cast<size_t>(2 * ids_capacity));
-    slot_values.resize(static_cast<size_t>((kSlots + 1) * W));
-    slot_rows.resize(slot_values.size());
-    picked_lanes.assign(static_cast<size_t>(groups), 0);
+    prepare_selection();
     constexpr A kInf = std::numeric_limits<A>::infinity();
     // Blocks for a chunk's rows, not the channel's (start): a chunk of 64 rows with k = 10
     // takes every copy, so its bound is exact and its lanes rank about k candidates.
