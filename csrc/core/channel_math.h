@@ -23,6 +23,9 @@ struct Candidate {
 };
 
 constexpr int64_t kNoIndex = std::numeric_limits<int64_t>::max();
+// The index of a pick list's entry 0 where a backend did not pick that chunk
+// (ChannelSums::picked).
+constexpr int64_t kNotPicked = -1;
 
 LPNORM_HOST_DEVICE LPNORM_INLINE void reset_extremes(Candidate* list, int64_t capacity) {
   for (int64_t i = 0; i < capacity; ++i) list[i] = {-std::numeric_limits<double>::infinity(), kNoIndex};
@@ -68,7 +71,7 @@ struct ChannelSums {
   const Candidate* smallest = nullptr;  // [chunks][extremes_per_end], values -x
   // topk, where a backend picked the largest |x - mean| itself, [chunks][extremes_per_end]:
   // what pick_largest_deviations would return for each chunk, in its order, index kNoIndex
-  // past the last; a chunk whose entry 0 has index -1 was not picked.
+  // past the last; a chunk whose entry 0 has index kNotPicked was not picked.
   const Deviation* picked = nullptr;
 };
 
@@ -223,12 +226,7 @@ LPNORM_HOST_DEVICE LPNORM_INLINE ExtremeScales extreme_scales(const NormSpec& sp
 // A pick's coefficient of dsigma/dx (without the mean term): the sign of its d times the
 // weight of one pick.
 LPNORM_HOST_DEVICE LPNORM_INLINE double pick_coefficient(double x, double mean, double per_pick) {
-  // sign_of(d), its +-1 from compares rather than branches: a pick's sign is random, and
-  // chunk by chunk each branch was mispredicted ((256, 1024) topk with 4 chunks: 18% of its
-  // forward). Zero and NaN (rare) keep sign_of's d * 0.
-  const double d = x - mean;
-  const double unit = static_cast<double>(static_cast<int>(d > 0) - static_cast<int>(d < 0));
-  return (d != 0 && d == d ? unit : d * 0) * per_pick;
+  return sign_of(x - mean) * per_pick;
 }
 
 // One chunk of an extreme norm: its picks (the largest |x - mean|: `picked` where the backend
@@ -313,10 +311,10 @@ LPNORM_HOST_DEVICE void extreme_statistics(const NormSpec& spec, const ChannelSu
 
   double sigma_sum = 0;
   double coef_sum = 0;
-  // A chunk's picks where the backend picked them (entry 0's index -1 where it did not).
+  // A chunk's picks where the backend picked them.
   auto chunk_picks = [&](int64_t chunk) -> const Deviation* {
     const Deviation* picks = sums.picked != nullptr ? sums.picked + chunk * per_end : nullptr;
-    return picks != nullptr && picks[0].index != -1 ? picks : nullptr;
+    return picks != nullptr && picks[0].index != kNotPicked ? picks : nullptr;
   };
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
     const double numerator =

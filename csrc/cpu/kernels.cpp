@@ -61,7 +61,7 @@ void collect_stats(const StatsArgs& a, const Tile* tiles, int64_t count) {
     }
   }
   for (int64_t c = t.c_begin * a.chunks; a.picked != nullptr && c < t.c_end * a.chunks; ++c) {
-    a.picked[c * a.per_end].index = -1;  // the channel's chunk not picked (yet)
+    a.picked[c * a.per_end].index = core::kNotPicked;  // (yet)
   }
   if (t.row_end <= t.row_begin) return;
   with_element_type(a.dtype, [&](auto tag) {

@@ -82,6 +82,12 @@ struct LaneLists {
   // (StatsArgs::picked): the channels' means as core has them, [group][W].
   std::vector<double> exact_means;
 
+  // Copies per network entry for a span of `rows` rows and k per end (see kMaxCopyBlock).
+  static int64_t block_for(int64_t rows, int64_t k) {
+    int64_t block = 1;
+    while (block < kMaxCopyBlock && rows >= 2 * block * kBlocksPerLevel * k) block *= 2;
+    return block;
+  }
   static int64_t levels_for(int64_t k) {
     return k == 1 ? 1 : k <= 16 ? (k + 1) / 2 * 2 : k <= 24 ? 24 : k <= kMaxLevels ? kMaxLevels : k;
   }
@@ -100,9 +106,7 @@ struct LaneLists {
     if (levels > 1) {  // one level keeps its rows, no copies
       grow(copies, copies_size, groups * stride);
       if (!dense) grow(copy_rows, copy_rows_size, groups * stride);
-      while (levels <= kMaxLevels && copy_block < kMaxCopyBlock && rows >= 2 * copy_block * kBlocksPerLevel * k) {
-        copy_block *= 2;
-      }
+      if (levels <= kMaxLevels) copy_block = block_for(rows, k);
     }
     values.resize(static_cast<size_t>(groups * 2 * levels));
     top_rows.resize(static_cast<size_t>(groups * 2));
@@ -123,6 +127,12 @@ struct LaneLists {
                          bytes(slot_values) + bytes(slot_rows);
     if (kept > kKeptBytes) *this = LaneLists{};
   }
+  // One end's network empty: the top levels - per_end +inf (they pass x through), the rest -inf.
+  void clear_network(V* network) const {
+    for (int64_t j = 0; j < levels; ++j) {
+      network[j] = splat<V>((j < levels - per_end ? 1 : -1) * std::numeric_limits<A>::infinity());
+    }
+  }
   // `same_chunk`: the rows from first_row on are of the chunk whose lists were just flushed.
   // Then a network of bounds (levels > 1, in registers: select_rows) keeps its values, each a
   // value of an earlier row already in the chunk's lists: the copies must still beat its k-th
@@ -133,11 +143,7 @@ struct LaneLists {
     base = first_row;
     full = false;
     const bool keep_bounds = same_chunk && !dense && levels > 1 && levels <= kMaxLevels;
-    for (int64_t l = 0; l < groups * 2 && !keep_bounds; ++l) {
-      for (int64_t j = 0; j < levels; ++j) {
-        values[l * levels + j] = splat<V>((j < levels - per_end ? 1 : -1) * std::numeric_limits<A>::infinity());
-      }
-    }
+    for (int64_t l = 0; l < groups * 2 && !keep_bounds; ++l) clear_network(values.data() + l * levels);
     copied.assign(static_cast<size_t>(groups), 0);
     inserted.assign(static_cast<size_t>(groups), 0);
     exact_means.clear();
@@ -618,39 +624,24 @@ struct LaneLists {
   template <typename Ext>
   void pick_chunks(const Ext& ext, int tail, int64_t c0, core::Deviation* picks, int64_t chunks, int64_t chunk_rows) {
     prepare_selection();
-    constexpr A kInf = std::numeric_limits<A>::infinity();
     // Blocks for a chunk's rows, not the channel's (start): a chunk of 64 rows with k = 10
     // takes every copy, so its bound is exact and its lanes rank about k candidates.
     const int64_t channel_block = copy_block;
-    copy_block = 1;
-    while (copy_block < kMaxCopyBlock && chunk_rows >= 2 * copy_block * kBlocksPerLevel * per_end) copy_block *= 2;
+    copy_block = block_for(chunk_rows, per_end);
     for (int64_t gi = 0; gi < groups; ++gi) {
       const M valid = gi + 1 < groups ? ~M{} : lanes_below<A>(tail);
-      const int lanes = gi + 1 < groups ? W : tail;
       const int64_t all = copied[gi];
       for (int64_t j = 0; j < chunks; ++j) {
         const int64_t lo = j * chunk_rows, hi = lo + chunk_rows;
-        V* network = values.data() + gi * 2 * levels;  // the |x - mean| network, afresh
-        for (int64_t l = 0; l < levels; ++l) network[l] = splat<V>((l < levels - per_end ? 1 : -1) * kInf);
+        clear_network(values.data() + gi * 2 * levels);  // the |x - mean| network, afresh
         inserted[gi] = lo;
         copied[gi] = hi;
         insert_copies(gi);
         copied[gi] = all;
         picked_lanes[gi] = 0;
         pick_from_copies(gi, valid, picks + (gi * W * chunks + j) * per_end, lo, hi, chunks * per_end);
-        for (int i = 0; i < lanes; ++i) {
-          if ((picked_lanes[gi] >> i & 1) != 0) continue;
-          for (int end = 0; end < 2; ++end) {
-            Candidate* list = ext.lists(end == 0 ? ext.largest : ext.smallest, c0 + gi * W + i, base + lo);
-            int64_t filled = 0;
-            for (; filled < per_end; ++filled) {
-              const size_t at = static_cast<size_t>(((gi * 2 + end) * per_end + filled) * W + i);
-              if (rows[at] == kFree) break;
-              list[filled] = Candidate{static_cast<double>(found[at]), base + rows[at]};
-            }
-            core::reset_extremes(list + filled, per_end - filled);
-          }
-        }
+        // The lanes it left: the exact lists select_lane_exact found, written whole.
+        flush(ext, gi, c0 + gi * W, gi + 1 < groups ? W : tail, true, base + lo);
       }
       inserted[gi] = all;
     }
@@ -669,7 +660,7 @@ struct LaneLists {
   // without reading it first (the picked lanes' lists, which nothing reads, are not written:
   // (256, 1024) topk forward, resetting 2k entries per channel was 5% of it).
   template <typename Ext>
-  void flush(const Ext& ext, int64_t group, int64_t c0, int n, bool whole) {
+  void flush(const Ext& ext, int64_t group, int64_t c0, int n, bool whole, int64_t chunk_row = -1) {
     const uint32_t picked_here = picked(group);
     merged.resize(static_cast<size_t>(per_end));
     for (int end = 0; end < 2; ++end) {
@@ -682,8 +673,9 @@ struct LaneLists {
         int64_t count = 0;
         while (count < per_end && rows[(at + count) * W + i] != kFree) ++count;
         if (count == 0 && !whole) continue;
-        // A flush's rows lie in one chunk: the walk flushes where a chunk starts.
-        Candidate* list = ext.lists(end == 0 ? ext.largest : ext.smallest, c0 + i, base);
+        // A flush's rows lie in one chunk: the walk flushes where a chunk starts (pick_chunks
+        // names the chunk: its lists hold only one chunk's rows).
+        Candidate* list = ext.lists(end == 0 ? ext.largest : ext.smallest, c0 + i, chunk_row >= 0 ? chunk_row : base);
         if (whole || list[0].index == core::kNoIndex) {
           for (int64_t j = 0; j < count; ++j) list[j] = entry(j);
           if (whole) core::reset_extremes(list + count, per_end - count);

@@ -327,7 +327,7 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
     auto picked_of = [&](int64_t c) -> const core::Deviation* {
       if (!pick_in_pass) return nullptr;
       const core::Deviation* picks = picked.data() + c * lists;
-      return spec.chunks > 1 || picks[0].index != -1 ? picks : nullptr;
+      return spec.chunks > 1 || picks[0].index != core::kNotPicked ? picks : nullptr;
     };
     // What the passes collected for channel c (part 0 of each buffer: the combined sums).
     auto sums_of = [&](int64_t c) {
