@@ -559,6 +559,36 @@ def test_chunk_picks_of_whole_channels(isa, schedule, shape, layout, k, chunks, 
         check(x, dict(norm="topk", k=k, chunks=chunks), steps=1)
 
 
+@pytest.mark.parametrize("norm_kwargs", [dict(norm="linf", chunks=4), dict(norm="linf", chunks=8),
+                                         dict(norm="topk", k=3, chunks=4), dict(norm="topk", k=10, chunks=2)],
+                         ids=["linf-chunks4", "linf-chunks8", "topk3-chunks4", "topk10-chunks2"])
+@pytest.mark.parametrize("shape,layout", [((256, 40), contiguous), ((64, 40, 2, 2), channels_last)], ids=["2d", "nhwc"])
+def test_chunked_channels_with_odd_chunks(isa, schedule, shape, layout, norm_kwargs):
+    """The extreme norms' per-channel step runs over many channels side by side, chunk by chunk,
+    and leaves to core a channel where one chunk does not fit that (a constant chunk: linf's
+    ends on one side of the mean; top-k's ties past what the lanes rank). Channels 3, 17 and 39
+    (the last vector's tail) have one constant chunk each, channel 20 is constant, the rest
+    Gaussian: the indices are the reference's, and so are the outputs and gradients. Channel 30
+    has a chunk of NaN: NaN statistics, and still valid indices."""
+    gen = torch.Generator().manual_seed(shape[1] + norm_kwargs["chunks"])
+    raw = torch.randn(shape, generator=gen)
+    rows = shape[0] // norm_kwargs["chunks"]
+    for channel, chunk in [(3, 1), (17, norm_kwargs["chunks"] - 1), (39, 0)]:
+        raw[chunk * rows:(chunk + 1) * rows, channel] = 0.75
+    raw[:, 20] = -1.25
+    k = norm_kwargs.get("k", 1)
+    good = [c for c in range(shape[1]) if c != 30]
+    check(layout(raw), norm_kwargs, steps=1)
+    raw[rows:2 * rows, 30] = math.nan  # a chunk without candidates
+    x = layout(raw)
+    _, _, _, _, index, coef = torch.ops.lpnorm.batch_norm_forward(
+        x, None, None, None, None, True, 0.1, 1e-5, norm_kwargs["norm"], k, 2.0, norm_kwargs["chunks"], "exact",
+        "float")
+    assert torch.equal(index[good], reference_top_indices(x[:, good], k, norm_kwargs["chunks"]))
+    m = x.numel() // shape[1]
+    assert ((index[30] >= 0) & (index[30] < m)).all() and coef[30].isnan().all()
+
+
 def symmetric_offset_data(rows, channels, offset, scale):
     """offset + small integers * scale with each channel's rows paired as r, -r: the mean is the
     offset exactly, so |x - mean| ties across the two ends many times, and the sums are exact in

@@ -288,14 +288,32 @@ LPNORM_HOST_DEVICE LPNORM_INLINE void extreme_sigma(double sigma_sum, double coe
   stats.phi_offset = -coef_sum / static_cast<double>(count);
 }
 
-// extreme_statistics' last steps for one chunk, from chunk_extremes' result and coef_sum: a
-// backend may run them over many channels at once.
-LPNORM_HOST_DEVICE LPNORM_INLINE void one_chunk_sigma(NormKind kind, double numerator, double coef_sum,
-                                                      int64_t per_chunk, double divisor, int64_t count,
-                                                      ChannelStatistics& stats) {
-  double sigma_sum = 0;
-  sigma_sum += raw_statistic(kind, numerator, per_chunk) / divisor;
-  extreme_sigma(sigma_sum, coef_sum, 1, count, stats);
+// linf, topk and range, the chunks of one channel (mean: channel_mean): the sum over chunks of
+// raw / divisor into sigma_sum, the sparse coefficients' sum into coef_sum, each chunk's sparse
+// terms. A backend may compute the same sums for many channels at once, chunk by chunk in this
+// order (the additions' order is the result's), and hand the channels to extreme_sigma.
+template <typename Coef>
+LPNORM_HOST_DEVICE void extreme_sums(const NormSpec& spec, const ChannelSums& sums, double mean, double divisor,
+                                     int64_t* sparse_index, Coef* sparse_coef, Deviation* pool, double& sigma_sum,
+                                     double& coef_sum) {
+  const int64_t per_end = spec.extremes_per_end();
+  const int64_t per_chunk = spec.sparse_per_chunk();
+  const ExtremeScales scales = extreme_scales(spec, divisor);
+  // A chunk's picks where the backend picked them.
+  auto chunk_picks = [&](int64_t chunk) -> const Deviation* {
+    const Deviation* picks = sums.picked != nullptr ? sums.picked + chunk * per_end : nullptr;
+    return picks != nullptr && picks[0].index != kNotPicked ? picks : nullptr;
+  };
+  double sigma = 0, coefs = 0;
+  for (int64_t chunk = 0; chunk < spec.chunks; ++chunk) {
+    const double numerator =
+        chunk_extremes(spec, sums.largest + chunk * per_end, sums.smallest + chunk * per_end, chunk_picks(chunk), mean,
+                       scales.unit, scales.per_pick, sparse_index + chunk * per_chunk, sparse_coef + chunk * per_chunk,
+                       pool, coefs);
+    sigma += raw_statistic(spec.kind, numerator, per_chunk) / divisor;
+  }
+  sigma_sum = sigma;
+  coef_sum = coefs;
 }
 
 // linf, topk and range: sigma is the mean over chunks of a raw extreme statistic divided by
@@ -304,26 +322,9 @@ template <typename Coef>
 LPNORM_HOST_DEVICE void extreme_statistics(const NormSpec& spec, const ChannelSums& sums, double divisor,
                                            ChannelStatistics& stats, int64_t* sparse_index, Coef* sparse_coef,
                                            Deviation* pool) {
-  const int64_t chunks = spec.chunks;
-  const int64_t per_end = spec.extremes_per_end();
-  const int64_t per_chunk = spec.sparse_per_chunk();
-  const ExtremeScales scales = extreme_scales(spec, divisor);
-
-  double sigma_sum = 0;
-  double coef_sum = 0;
-  // A chunk's picks where the backend picked them.
-  auto chunk_picks = [&](int64_t chunk) -> const Deviation* {
-    const Deviation* picks = sums.picked != nullptr ? sums.picked + chunk * per_end : nullptr;
-    return picks != nullptr && picks[0].index != kNotPicked ? picks : nullptr;
-  };
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const double numerator =
-        chunk_extremes(spec, sums.largest + chunk * per_end, sums.smallest + chunk * per_end, chunk_picks(chunk), stats.mean,
-                       scales.unit, scales.per_pick, sparse_index + chunk * per_chunk, sparse_coef + chunk * per_chunk,
-                       pool, coef_sum);
-    sigma_sum += raw_statistic(spec.kind, numerator, per_chunk) / divisor;
-  }
-  extreme_sigma(sigma_sum, coef_sum, chunks, sums.count, stats);
+  double sigma_sum = 0, coef_sum = 0;
+  extreme_sums(spec, sums, stats.mean, divisor, sparse_index, sparse_coef, pool, sigma_sum, coef_sum);
+  extreme_sigma(sigma_sum, coef_sum, spec.chunks, sums.count, stats);
 }
 
 // Dense norms (l2, l1, p): sigma and the gradient's a and b from a channel's m elements and

@@ -153,76 +153,95 @@ LPNORM_VECTOR_CLONES void dense_channels(int64_t begin, int64_t end, int64_t m, 
   }
 }
 
-// An extreme norm's channels [begin, end) with one chunk, m > 0: sigma and b from each
-// channel's chunk_extremes result and coefficient sum (core::one_chunk_sigma), then
-// core::spread_from_sigma, in one loop (channel by channel, the divisions' chain made linf 30 ns
-// a channel). The kind is a constant: with it a variable, GCC vectorized only range's copy.
-template <core::NormKind kKind>
-LPNORM_VECTOR_CLONES void extreme_channels(int64_t begin, int64_t end, int64_t m, double eps, int64_t per_chunk,
-                                           double divisor, const double* __restrict numerator,
-                                           const double* __restrict coef_sum, const double* __restrict weight,
-                                           double* __restrict coef, double* __restrict invstd,
-                                           double* __restrict scale, double* __restrict unbiased) {
+// An extreme norm's channels [begin, end), m > 0: sigma and b from each channel's sums over
+// chunks (core::extreme_sums, or the loops below), then core::spread_from_sigma, in one loop
+// (channel by channel, the divisions' chain made linf 30 ns a channel).
+LPNORM_VECTOR_CLONES void extreme_channels(int64_t begin, int64_t end, int64_t m, double eps, int64_t chunks,
+                                           const double* __restrict sigma_sum, const double* __restrict coef_sum,
+                                           const double* __restrict weight, double* __restrict coef,
+                                           double* __restrict invstd, double* __restrict scale,
+                                           double* __restrict unbiased) {
   for (int64_t c = begin; c < end; ++c) {
     core::ChannelStatistics stats;
-    core::one_chunk_sigma(kKind, numerator[c], coef_sum[c], per_chunk, divisor, m, stats);
+    core::extreme_sigma(sigma_sum[c], coef_sum[c], chunks, m, stats);
     core::spread_from_sigma(m, eps, stats);
     keep_channel(c, stats, weight, coef, invstd, scale, unbiased);
   }
 }
 
-// One-chunk topk channels [begin, end) whose picks the stats pass made, all found: what
-// core::chunk_extremes gives them (the sum of the picks' |d|, the coefficients' sum, each pick's
-// index and coefficient), in the same order, with the channels side by side. (Channel by
-// channel, each pick's sign was a mispredicted branch: 30 ns a channel at k = 10.) Blocks of
-// channels keep their picks in L1 while the loop goes over them k times.
-LPNORM_VECTOR_CLONES void picked_channels(int64_t begin, int64_t end, int64_t picks, int64_t cols, double per_pick,
-                                          const core::Deviation* __restrict picked, const double* __restrict mean,
-                                          int64_t* __restrict index, double* __restrict coef,
-                                          double* __restrict numerator, double* __restrict coef_sum) {
-  constexpr int64_t kBlock = 64;
-  for (int64_t b = begin; b < end; b += kBlock) {
-    const int64_t b_end = std::min(end, b + kBlock);
-    for (int64_t c = b; c < b_end; ++c) numerator[c] = coef_sum[c] = 0;
-    for (int64_t i = 0; i < picks; ++i) {
-      for (int64_t c = b; c < b_end; ++c) {
-        const core::Deviation& d = picked[c * picks + i];
-        const double s = core::pick_coefficient(d.x, mean[c], per_pick);
-        numerator[c] += d.magnitude;
-        coef_sum[c] += s;
-        index[c * cols + i] = d.index;
-        coef[c * cols + i] = s;
+// Blocks of channels keep their candidates or picks in L1 while the loops below go over them
+// once per chunk (and pick).
+constexpr int64_t kChannelBlock = 64;
+
+// topk channels [begin, end) whose every chunk's picks the stats pass made, all found
+// (picked: [C][chunks][picks]): what core::extreme_sums gives them (the sums over chunks of the
+// picks' mean |d| / divisor and of the coefficients, each pick's index and coefficient), in
+// the same order, with the channels side by side. (Channel by channel, each pick's sign was a
+// mispredicted branch: 30 ns a channel at k = 10.)
+LPNORM_VECTOR_CLONES void picked_channels(int64_t begin, int64_t end, int64_t chunks, int64_t picks, int64_t cols,
+                                          double per_pick, double divisor, const core::Deviation* __restrict picked,
+                                          const double* __restrict mean, int64_t* __restrict index,
+                                          double* __restrict coef, double* __restrict sigma_sum,
+                                          double* __restrict coef_sum) {
+  double total[kChannelBlock];  // a chunk's sum of |d|, per channel of the block
+  for (int64_t block = begin; block < end; block += kChannelBlock) {
+    const int64_t block_end = std::min(end, block + kChannelBlock);
+    for (int64_t c = block; c < block_end; ++c) sigma_sum[c] = coef_sum[c] = 0;
+    for (int64_t j = 0; j < chunks; ++j) {
+      for (int64_t c = block; c < block_end; ++c) total[c - block] = 0;
+      for (int64_t i = 0; i < picks; ++i) {
+        for (int64_t c = block; c < block_end; ++c) {
+          const core::Deviation& d = picked[(c * chunks + j) * picks + i];
+          const double s = core::pick_coefficient(d.x, mean[c], per_pick);
+          total[c - block] += d.magnitude;
+          coef_sum[c] += s;
+          index[c * cols + j * picks + i] = d.index;
+          coef[c * cols + j * picks + i] = s;
+        }
+      }
+      for (int64_t c = block; c < block_end; ++c) {
+        sigma_sum[c] += core::raw_statistic(core::NormKind::TopK, total[c - block], picks) / divisor;
       }
     }
   }
 }
 
-// One-chunk linf channels [begin, end), one candidate per channel and end (largest[c],
-// smallest[c]): what core::chunk_extremes gives them (one pick: the larger |d| of the largest
-// and the smallest value, ties to the lower index) where the largest lies at or above the
-// mean and the smallest below it (core's merge), in one loop; single[c] = 0 where not (NaN,
-// no candidates, both ends on one side), for core to redo. (Channel by channel, the pick's
-// branches took ~40 ns a channel: (16, 2048) linf forward.)
-LPNORM_VECTOR_CLONES void single_pick_channels(int64_t begin, int64_t end, int64_t cols, double per_pick,
+// linf channels [begin, end), one candidate per chunk and end (largest[c * chunks + j],
+// smallest[...]): what core::extreme_sums gives them (each chunk's one pick: the larger |d| of
+// its largest and smallest value, ties to the lower index) where in every chunk the largest
+// lies at or above the mean and the smallest below it (core's merge), in loops over the
+// channels; single[c] = 0 where not (NaN, no candidates, both ends on one side), for core to
+// redo. (Channel by channel, the pick's branches took ~40 ns a channel and chunk: (16, 2048)
+// linf forward, (256, 1024) with 8 chunks.)
+LPNORM_VECTOR_CLONES void single_pick_channels(int64_t begin, int64_t end, int64_t chunks, int64_t cols,
+                                               double per_pick, double divisor,
                                                const core::Candidate* __restrict largest,
                                                const core::Candidate* __restrict smallest,
                                                const double* __restrict mean, int64_t* __restrict index,
-                                               double* __restrict coef, double* __restrict numerator,
+                                               double* __restrict coef, double* __restrict sigma_sum,
                                                double* __restrict coef_sum, int64_t* __restrict single) {
-  for (int64_t c = begin; c < end; ++c) {
-    const core::Candidate up = largest[c], down = smallest[c];  // down.value is -x
-    const double d_up = up.value - mean[c], d_down = -down.value - mean[c];
-    single[c] = (up.index != core::kNoIndex) & (down.index != core::kNoIndex) & (d_up >= 0) & (d_down < 0);
-    const double a = std::abs(d_up), b = std::abs(d_down);
-    const bool take_up = (a > b) | ((a == b) & (up.index < down.index));
-    const double s = core::pick_coefficient(take_up ? up.value : -down.value, mean[c], per_pick);
-    double total = 0, sum_of_coefs = 0;  // core's sums of one term
-    total += take_up ? a : b;
-    sum_of_coefs += s;
-    numerator[c] = total;
-    coef_sum[c] = sum_of_coefs;
-    index[c * cols] = take_up ? up.index : down.index;
-    coef[c * cols] = s;
+  for (int64_t block = begin; block < end; block += kChannelBlock) {
+    const int64_t block_end = std::min(end, block + kChannelBlock);
+    for (int64_t c = block; c < block_end; ++c) {
+      sigma_sum[c] = coef_sum[c] = 0;
+      single[c] = 1;
+    }
+    for (int64_t j = 0; j < chunks; ++j) {
+      for (int64_t c = block; c < block_end; ++c) {
+        const core::Candidate up = largest[c * chunks + j], down = smallest[c * chunks + j];  // down.value is -x
+        const double d_up = up.value - mean[c], d_down = -down.value - mean[c];
+        single[c] &= (up.index != core::kNoIndex) & (down.index != core::kNoIndex) & (d_up >= 0) & (d_down < 0);
+        const double a = std::abs(d_up), b = std::abs(d_down);
+        const bool take_up = (a > b) | ((a == b) & (up.index < down.index));
+        const double s = core::pick_coefficient(take_up ? up.value : -down.value, mean[c], per_pick);
+        double total = 0;  // core's sum of one term
+        total += take_up ? a : b;
+        sigma_sum[c] += core::raw_statistic(core::NormKind::Linf, total, 1) / divisor;
+        coef_sum[c] += s;
+        index[c * cols + j] = take_up ? up.index : down.index;
+        coef[c * cols + j] = s;
+      }
+    }
   }
 }
 
@@ -293,12 +312,10 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
     // The fused topk forward: the stats pass may pick each chunk's largest |x - mean| itself.
     const bool pick_in_pass = plan.fused && spec.kind == core::NormKind::TopK;
     const Values<core::Deviation> picked = scratch.take_unset<core::Deviation>(pick_in_pass ? channels * lists : 0);
-    // One-chunk extreme norms: each channel's chunk_extremes result and coefficient sum.
-    const bool one_chunk = !dense && spec.chunks == 1;
-    const Values<double> numerator = scratch.take_unset<double>(one_chunk ? channels : 0);
-    const Values<double> coef_sum = scratch.take_unset<double>(numerator.count);
-    const Values<int64_t> single =
-        scratch.take_unset<int64_t>(one_chunk && spec.kind == core::NormKind::Linf ? channels : 0);
+    // Extreme norms: each channel's sums over chunks (core::extreme_sums).
+    const Values<double> sigma_sum = scratch.take_unset<double>(dense ? 0 : channels);
+    const Values<double> coef_sum = scratch.take_unset<double>(sigma_sum.count);
+    const Values<int64_t> single = scratch.take_unset<int64_t>(spec.kind == core::NormKind::Linf ? channels : 0);
 
     auto stats_args = [&](int64_t part) -> cpu::StatsArgs {
       return {layout,
@@ -322,12 +339,17 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       return {layout, dtype, xp, mean.data(), spec.phi(), spec.deviation_power(),
               deviation.data() + part * channels, phi.data() + part * channels};
     };
-    // Channel c's largest |x - mean| where the stats pass picked them (null: from its lists).
-    // With chunks, the chunks' picks, which core tests one by one.
+    // Channel c's chunks' largest |x - mean| where the stats pass picked them (null: from its
+    // lists), which core tests chunk by chunk.
     auto picked_of = [&](int64_t c) -> const core::Deviation* {
-      if (!pick_in_pass) return nullptr;
-      const core::Deviation* picks = picked.data() + c * lists;
-      return spec.chunks > 1 || picks[0].index != core::kNotPicked ? picks : nullptr;
+      return pick_in_pass ? picked.data() + c * lists : nullptr;
+    };
+    // Whether the stats pass picked every chunk of channel c.
+    auto all_picked = [&](int64_t c) {
+      for (int64_t j = 0; pick_in_pass && j < spec.chunks; ++j) {
+        if (picked[(c * spec.chunks + j) * per_end].index == core::kNotPicked) return false;
+      }
+      return pick_in_pass;
     };
     // What the passes collected for channel c (part 0 of each buffer: the combined sums).
     auto sums_of = [&](int64_t c) {
@@ -341,11 +363,11 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       sums.picked = picked_of(c);
       return sums;
     };
-    // The statistics of channels [begin, end): the dense norms' and the one-chunk extreme norms'
-    // divisions and square roots in one vectorized loop, the rest channel by channel. `pool` is
-    // scratch for the top-k pick.
+    // The statistics of channels [begin, end): the dense norms' and the extreme norms' divisions
+    // and square roots in one vectorized loop, the extreme norms' picks in loops over channels
+    // where they can, the rest channel by channel. `pool` is scratch for the top-k pick.
     auto finish_channels = [&](int64_t begin, int64_t end, core::Deviation* pool) {
-      if (m == 0 || (!dense && !one_chunk)) {  // the empty batch, extreme norms with chunks
+      if (m == 0) {  // the empty batch
         for (int64_t c = begin; c < end; ++c) {
           keep_channel(c,
                        core::channel_statistics_with(spec, sums_of(c), eps, constants, index + c * cols,
@@ -354,43 +376,35 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
         }
         return;
       }
-      if (one_chunk) {
-        const core::ExtremeScales scales = core::extreme_scales(spec, constants.extreme_divisor);
+      if (!dense) {
+        const double divisor = constants.extreme_divisor;
+        const double per_pick = core::extreme_scales(spec, divisor).per_pick;
         auto by_core = [&](int64_t c) {
-          double sum_of_coefs = 0;
-          numerator[c] = core::chunk_extremes(spec, largest.data() + c * lists, smallest.data() + c * lists,
-                                              picked_of(c), mean[c], scales.unit, scales.per_pick, index + c * cols,
-                                              sparse.data() + c * cols, pool, sum_of_coefs);
-          coef_sum[c] = sum_of_coefs;
+          core::extreme_sums(spec, sums_of(c), mean[c], divisor, index + c * cols, sparse.data() + c * cols, pool,
+                             sigma_sum[c], coef_sum[c]);
         };
         if (spec.kind == core::NormKind::Linf) {
-          single_pick_channels(begin, end, cols, scales.per_pick, largest.data(), smallest.data(), mean.data(), index,
-                               sparse.data(), numerator.data(), coef_sum.data(), single.data());
+          single_pick_channels(begin, end, spec.chunks, cols, per_pick, divisor, largest.data(), smallest.data(),
+                               mean.data(), index, sparse.data(), sigma_sum.data(), coef_sum.data(), single.data());
           for (int64_t c = begin; c < end; ++c) {
             if (single[c] == 0) by_core(c);
           }
         } else {
           for (int64_t c = begin; c < end; ++c) {
-            if (picked_of(c) == nullptr) {
+            if (!all_picked(c)) {
               by_core(c);
               continue;
             }
             int64_t run_end = c + 1;  // the run of picked channels from c
-            while (run_end < end && picked_of(run_end) != nullptr) ++run_end;
-            picked_channels(c, run_end, per_end, cols, scales.per_pick, picked.data(), mean.data(), index,
-                            sparse.data(), numerator.data(), coef_sum.data());
+            while (run_end < end && all_picked(run_end)) ++run_end;
+            picked_channels(c, run_end, spec.chunks, per_end, cols, per_pick, divisor, picked.data(), mean.data(),
+                            index, sparse.data(), sigma_sum.data(), coef_sum.data());
             c = run_end - 1;
           }
         }
-        auto extreme_loop = [&](auto kind) {
-          extreme_channels<decltype(kind)::value>(begin, end, m, eps, spec.sparse_per_chunk(),
-                                                  constants.extreme_divisor, numerator.data(), coef_sum.data(),
-                                                  w.data(), coef.data(), invstd.data(), scale.data(), unbiased.data());
-        };
-        using Kind = core::NormKind;
-        if (spec.kind == Kind::Linf) return extreme_loop(std::integral_constant<Kind, Kind::Linf>{});
-        if (spec.kind == Kind::TopK) return extreme_loop(std::integral_constant<Kind, Kind::TopK>{});
-        return extreme_loop(std::integral_constant<Kind, Kind::Range>{});
+        extreme_channels(begin, end, m, eps, spec.chunks, sigma_sum.data(), coef_sum.data(), w.data(), coef.data(),
+                         invstd.data(), scale.data(), unbiased.data());
+        return;
       }
       auto dense_loop = [&](auto kind) {
         dense_channels<decltype(kind)::value>(begin, end, m, eps, spec.p, constants.lp_constant, deviation.data(),
