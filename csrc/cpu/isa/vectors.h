@@ -238,36 +238,66 @@ LPNORM_INLINE V whole_power(V magnitude, int n) {
   return result;
 }
 
+// m = f * 2^k lane-wise, f in [sqrt(1/2), sqrt(2)) and k whole, for positive normal m. AVX-512
+// reads both in one instruction each (getmant, getexp), the other builds from the bits.
+LPNORM_INLINE void split_mantissa(VD m, VD& f, VD& k) {
+#if defined(__AVX512F__)
+  f = reinterpret_cast<VD>(_mm512_getmant_pd(reinterpret_cast<__m512d>(m), _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero));
+  k = reinterpret_cast<VD>(_mm512_getexp_pd(reinterpret_cast<__m512d>(m)));
+#else
+  constexpr double kTwo52 = 4503599627370496.0;
+  const VI64 bits = reinterpret_cast<VI64>(m);
+  k = reinterpret_cast<VD>(((bits >> 52) & 0x7ff) | reinterpret_cast<VI64>(splat<VD>(kTwo52))) - (kTwo52 + 1023);
+  f = reinterpret_cast<VD>((bits & 0x000fffffffffffffLL) | 0x3ff0000000000000LL);
+#endif
+  const VI64 above = f > 1.4142135623730951;
+  f = above ? f * 0.5 : f;
+  k = above ? k + 1 : k;
+}
+
+// y rounded to the nearest whole number (ties to even), for |y| < 2^51.
+LPNORM_INLINE VD nearest_whole(VD y) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<VD>(
+      _mm512_roundscale_pd(reinterpret_cast<__m512d>(y), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52: y + kRound rounds y to a whole number
+  return (y + kRound) - kRound;
+#endif
+}
+
+// v * 2^n lane-wise for whole n: inf or 0 past the doubles' range (AVX-512's scalef; the other
+// builds multiply by two factors that are each a normal double, n clamped to +-1200 first).
+LPNORM_INLINE VD times_two_to(VD v, VD n) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<VD>(_mm512_scalef_pd(reinterpret_cast<__m512d>(v), reinterpret_cast<__m512d>(n)));
+#else
+  constexpr double kRound = 6755399441055744.0;  // n + kRound holds n in its low bits
+  n = n < -1200 ? splat<VD>(-1200.0) : n;
+  n = n > 1200 ? splat<VD>(1200.0) : n;
+  const VI64 whole = reinterpret_cast<VI64>(n + kRound) - reinterpret_cast<VI64>(splat<VD>(kRound)), half = whole >> 1;
+  return v * reinterpret_cast<VD>((half + 1023) << 52) * reinterpret_cast<VD>((whole - half + 1023) << 52);
+#endif
+}
+
 // m^e lane-wise for e > 0, as 2^(e log2 m) in double: for float results (relative error
 // below 1e-9 before the rounding to float, for e up to 64 and beyond). m = 0, inf and NaN
 // give m, as std::pow would. log2 of m's mantissa f in [sqrt(1/2), sqrt(2)) is 2 atanh(t) /
 // ln 2 with t = (f - 1) / (f + 1), |t| < 0.172 (a series to t^11); 2^g for |g| <= 1/2 a
-// Taylor series to x^8 in x = g ln 2; whole parts through the exponent bits.
+// Taylor series to x^8 in x = g ln 2; whole parts through the exponent. (AVX-512's exponent
+// instructions, in place of the bits' shifts and masks, took p = 2.7 fwd+bwd at 2 threads
+// from 0.50 to 0.37 ms on (256, 1024) float32, 11.6 to 8.2 ms on (32, 64, 56, 56) float16.)
 LPNORM_INLINE VD positive_power(VD m, double e) {
-  constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52: y + kRound rounds y to a whole number
-  constexpr double kTwo52 = 4503599627370496.0;
-  const VI64 bits = reinterpret_cast<VI64>(m);
-  VD k = reinterpret_cast<VD>(((bits >> 52) & 0x7ff) | reinterpret_cast<VI64>(splat<VD>(kTwo52))) - (kTwo52 + 1023);
-  VD f = reinterpret_cast<VD>((bits & 0x000fffffffffffffLL) | 0x3ff0000000000000LL);
-  const VI64 above = f > 1.4142135623730951;
-  f = above ? f * 0.5 : f;
-  k = above ? k + 1 : k;
+  VD f, k;
+  split_mantissa(m, f, k);
   const VD t = (f - 1) / (f + 1), t2 = t * t;
   const VD series = 1 + t2 * (1.0 / 3 + t2 * (1.0 / 5 + t2 * (1.0 / 7 + t2 * (1.0 / 9 + t2 * (1.0 / 11)))));
-  VD y = e * (k + t * series * 2.8853900817779268);  // 2 / ln 2
-  y = y < -1200 ? splat<VD>(-1200.0) : y;  // past every double, so the exponent bits stay in range
-  y = y > 1200 ? splat<VD>(1200.0) : y;
-  const VD shifted = y + kRound;
-  const VD whole = shifted - kRound;
+  const VD y = e * (k + t * series * 2.8853900817779268);  // 2 / ln 2
+  const VD whole = nearest_whole(y);
   const VD x = (y - whole) * 0.6931471805599453;  // ln 2
   const VD exp_x = 1 + x * (1 + x * (1.0 / 2 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720 +
                    x * (1.0 / 5040 + x * (1.0 / 40320))))))));
-  // 2^whole as two factors, each a normal double (whole is within +-1200).
-  const VI64 n = reinterpret_cast<VI64>(shifted) - reinterpret_cast<VI64>(splat<VD>(kRound));
-  const VI64 half_n = n >> 1;
-  const VD scale_a = reinterpret_cast<VD>((half_n + 1023) << 52), scale_b = reinterpret_cast<VD>((n - half_n + 1023) << 52);
-  const VD result = exp_x * scale_a * scale_b;
-  return m > 0 & m < std::numeric_limits<double>::infinity() ? result : m;
+  return m > 0 & m < std::numeric_limits<double>::infinity() ? times_two_to(exp_x, whole) : m;
 }
 
 // v + a in the lanes whose bit is set in bits [0, W), v - a in those set in bits [16, 16 + W):
