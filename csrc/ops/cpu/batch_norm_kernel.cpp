@@ -153,9 +153,14 @@ LPNORM_VECTOR_CLONES void dense_channels(int64_t begin, int64_t end, int64_t m, 
   }
 }
 
+// The loops below take the chunk count as kChunks where it is known at compile time (1), 0
+// where it is a variable: with one chunk the candidates lie side by side and are read as
+// vectors, not gathered, and nothing divides by the count.
+
 // An extreme norm's channels [begin, end), m > 0: sigma and b from each channel's sums over
 // chunks (core::extreme_sums, or the loops below), then core::spread_from_sigma, in one loop
 // (channel by channel, the divisions' chain made linf 30 ns a channel).
+template <int64_t kChunks>
 LPNORM_VECTOR_CLONES void extreme_channels(int64_t begin, int64_t end, int64_t m, double eps, int64_t chunks,
                                            const double* __restrict sigma_sum, const double* __restrict coef_sum,
                                            const double* __restrict weight, double* __restrict coef,
@@ -163,7 +168,7 @@ LPNORM_VECTOR_CLONES void extreme_channels(int64_t begin, int64_t end, int64_t m
                                            double* __restrict unbiased) {
   for (int64_t c = begin; c < end; ++c) {
     core::ChannelStatistics stats;
-    core::extreme_sigma(sigma_sum[c], coef_sum[c], chunks, m, stats);
+    core::extreme_sigma(sigma_sum[c], coef_sum[c], kChunks > 0 ? kChunks : chunks, m, stats);
     core::spread_from_sigma(m, eps, stats);
     keep_channel(c, stats, weight, coef, invstd, scale, unbiased);
   }
@@ -213,6 +218,7 @@ LPNORM_VECTOR_CLONES void picked_channels(int64_t begin, int64_t end, int64_t ch
 // channels; single[c] = 0 where not (NaN, no candidates, both ends on one side), for core to
 // redo. (Channel by channel, the pick's branches took ~40 ns a channel and chunk: (16, 2048)
 // linf forward, (256, 1024) with 8 chunks.)
+template <int64_t kChunks>
 LPNORM_VECTOR_CLONES void single_pick_channels(int64_t begin, int64_t end, int64_t chunks, int64_t cols,
                                                double per_pick, double divisor,
                                                const core::Candidate* __restrict largest,
@@ -220,26 +226,44 @@ LPNORM_VECTOR_CLONES void single_pick_channels(int64_t begin, int64_t end, int64
                                                const double* __restrict mean, int64_t* __restrict index,
                                                double* __restrict coef, double* __restrict sigma_sum,
                                                double* __restrict coef_sum, int64_t* __restrict single) {
-  for (int64_t block = begin; block < end; block += kChannelBlock) {
-    const int64_t block_end = std::min(end, block + kChannelBlock);
+  const int64_t n = kChunks > 0 ? kChunks : chunks;
+  // Chunk j of channel c: its pick's index and coefficient written, its terms of the sums
+  // returned.
+  struct Terms {
+    int64_t fits;
+    double sigma, coef;
+  };
+  auto pick = [&](int64_t c, int64_t j) __attribute__((always_inline)) {
+    const core::Candidate up = largest[c * n + j], down = smallest[c * n + j];  // down.value is -x
+    const double d_up = up.value - mean[c], d_down = -down.value - mean[c];
+    const int64_t fits = (up.index != core::kNoIndex) & (down.index != core::kNoIndex) & (d_up >= 0) & (d_down < 0);
+    const double a = std::abs(d_up), b = std::abs(d_down);
+    const bool take_up = (a > b) | ((a == b) & (up.index < down.index));
+    const double s = core::pick_coefficient(take_up ? up.value : -down.value, mean[c], per_pick);
+    double total = 0;  // core's sum of one term
+    total += take_up ? a : b;
+    index[c * cols + j] = take_up ? up.index : down.index;
+    coef[c * cols + j] = s;
+    return Terms{fits, core::raw_statistic(core::NormKind::Linf, total, 1) / divisor, s};
+  };
+  // The first chunk's loop sets the sums (from core's zeros), the others' add to them. (Read
+  // back for the first chunk too, they kept the loop scalar: GCC versioned it for aliasing, and
+  // (2, 4096) linf forward at 1 thread took 94-98 us against 70-73.)
+  const int64_t step = kChunks == 1 ? std::max<int64_t>(1, end - begin) : kChannelBlock;  // one chunk: no blocks
+  for (int64_t block = begin; block < end; block += step) {
+    const int64_t block_end = std::min(end, block + step);
     for (int64_t c = block; c < block_end; ++c) {
-      sigma_sum[c] = coef_sum[c] = 0;
-      single[c] = 1;
+      const Terms t = pick(c, 0);
+      single[c] = t.fits;
+      sigma_sum[c] = 0.0 + t.sigma;
+      coef_sum[c] = 0.0 + t.coef;
     }
-    for (int64_t j = 0; j < chunks; ++j) {
+    for (int64_t j = 1; j < n; ++j) {
       for (int64_t c = block; c < block_end; ++c) {
-        const core::Candidate up = largest[c * chunks + j], down = smallest[c * chunks + j];  // down.value is -x
-        const double d_up = up.value - mean[c], d_down = -down.value - mean[c];
-        single[c] &= (up.index != core::kNoIndex) & (down.index != core::kNoIndex) & (d_up >= 0) & (d_down < 0);
-        const double a = std::abs(d_up), b = std::abs(d_down);
-        const bool take_up = (a > b) | ((a == b) & (up.index < down.index));
-        const double s = core::pick_coefficient(take_up ? up.value : -down.value, mean[c], per_pick);
-        double total = 0;  // core's sum of one term
-        total += take_up ? a : b;
-        sigma_sum[c] += core::raw_statistic(core::NormKind::Linf, total, 1) / divisor;
-        coef_sum[c] += s;
-        index[c * cols + j] = take_up ? up.index : down.index;
-        coef[c * cols + j] = s;
+        const Terms t = pick(c, j);
+        single[c] &= t.fits;
+        sigma_sum[c] += t.sigma;
+        coef_sum[c] += t.coef;
       }
     }
   }
@@ -383,27 +407,36 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
           core::extreme_sums(spec, sums_of(c), mean[c], divisor, index + c * cols, sparse.data() + c * cols, pool,
                              sigma_sum[c], coef_sum[c]);
         };
-        if (spec.kind == core::NormKind::Linf) {
-          single_pick_channels(begin, end, spec.chunks, cols, per_pick, divisor, largest.data(), smallest.data(),
-                               mean.data(), index, sparse.data(), sigma_sum.data(), coef_sum.data(), single.data());
-          for (int64_t c = begin; c < end; ++c) {
-            if (single[c] == 0) by_core(c);
-          }
-        } else {
-          for (int64_t c = begin; c < end; ++c) {
-            if (!all_picked(c)) {
-              by_core(c);
-              continue;
+        auto extreme_loops = [&](auto chunk_count) {
+          constexpr int64_t kChunks = decltype(chunk_count)::value;
+          if (spec.kind == core::NormKind::Linf) {
+            single_pick_channels<kChunks>(begin, end, spec.chunks, cols, per_pick, divisor, largest.data(),
+                                          smallest.data(), mean.data(), index, sparse.data(), sigma_sum.data(),
+                                          coef_sum.data(), single.data());
+            for (int64_t c = begin; c < end; ++c) {
+              if (single[c] == 0) by_core(c);
             }
-            int64_t run_end = c + 1;  // the run of picked channels from c
-            while (run_end < end && all_picked(run_end)) ++run_end;
-            picked_channels(c, run_end, spec.chunks, per_end, cols, per_pick, divisor, picked.data(), mean.data(),
-                            index, sparse.data(), sigma_sum.data(), coef_sum.data());
-            c = run_end - 1;
+          } else {
+            for (int64_t c = begin; c < end; ++c) {
+              if (!all_picked(c)) {
+                by_core(c);
+                continue;
+              }
+              int64_t run_end = c + 1;  // the run of picked channels from c
+              while (run_end < end && all_picked(run_end)) ++run_end;
+              picked_channels(c, run_end, spec.chunks, per_end, cols, per_pick, divisor, picked.data(), mean.data(),
+                              index, sparse.data(), sigma_sum.data(), coef_sum.data());
+              c = run_end - 1;
+            }
           }
+          extreme_channels<kChunks>(begin, end, m, eps, spec.chunks, sigma_sum.data(), coef_sum.data(), w.data(),
+                                    coef.data(), invstd.data(), scale.data(), unbiased.data());
+        };
+        if (spec.chunks == 1) {
+          extreme_loops(std::integral_constant<int64_t, 1>{});
+        } else {
+          extreme_loops(std::integral_constant<int64_t, 0>{});
         }
-        extreme_channels(begin, end, m, eps, spec.chunks, sigma_sum.data(), coef_sum.data(), w.data(), coef.data(),
-                         invstd.data(), scale.data(), unbiased.data());
         return;
       }
       auto dense_loop = [&](auto kind) {
