@@ -469,6 +469,13 @@ def test_isa_choice_is_checked():
     assert ISAS[0] == "baseline"
 
 
+def training_forward(x, norm, k, chunks=1):
+    """The forward operator's outputs (y, mean, invstd, coef, sparse index, sparse coef) for a
+    training call without affine parameters or running statistics."""
+    return torch.ops.lpnorm.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5, norm, k, 2.0, chunks,
+                                               "exact", "float")
+
+
 def reference_top_indices(x, k, chunks):
     """Per channel and chunk, the flat indices n * S + s of the k largest |x - mean| (mean of the
     whole channel), largest first, ties to the lowest index (a stable sort)."""
@@ -498,8 +505,7 @@ def test_top_deviations_are_picked_in_order(isa, schedule, shape, layout, norm_k
     raw = torch.randint(-3, 4, shape, generator=gen).float() if data == "integers" else torch.randn(shape, generator=gen)
     x = layout(raw)
     k, chunks = norm_kwargs.get("k", 1), norm_kwargs.get("chunks", 1)
-    _, _, _, _, index, coef = torch.ops.lpnorm.batch_norm_forward(
-        x, None, None, None, None, True, 0.1, 1e-5, norm_kwargs["norm"], k, 2.0, chunks, "exact", "float")
+    _, _, _, _, index, coef = training_forward(x, norm_kwargs["norm"], k, chunks)
     expected = reference_top_indices(x, k, chunks)
     assert torch.equal(index, expected)
     # the coefficient's sign is the deviation's (zero deviations: any sign, no effect)
@@ -518,8 +524,7 @@ def test_top_deviations_of_channel_major_lists(isa, dtype, k, shape):
     by level) in a vector, longer ones in memory. With k on both sides of those counts and
     integer data that ties many times, the saved indices are the reference's."""
     x = torch.randint(-4, 5, shape, generator=torch.Generator().manual_seed(k)).to(dtype)
-    index = torch.ops.lpnorm.batch_norm_forward(
-        x, None, None, None, None, True, 0.1, 1e-5, "linf" if k == 1 else "topk", k, 2.0, 1, "exact", "float")[4]
+    index = training_forward(x, "linf" if k == 1 else "topk", k)[4]
     assert torch.equal(index, reference_top_indices(x, k, 1))
 
 
@@ -535,8 +540,7 @@ def test_top_deviations_past_sixteen_levels(isa, schedule, shape, layout, k, dat
     gen = torch.Generator().manual_seed(k)
     raw = torch.randint(-5, 6, shape, generator=gen).float() if data == "integers" else torch.randn(shape, generator=gen)
     x = layout(raw)
-    index = torch.ops.lpnorm.batch_norm_forward(
-        x, None, None, None, None, True, 0.1, 1e-5, "topk", k, 2.0, 1, "exact", "float")[4]
+    index = training_forward(x, "topk", k)[4]
     assert torch.equal(index, reference_top_indices(x, k, 1))
     if data == "gaussian" and k in (20, 32):
         check(x, dict(norm="topk", k=k), steps=1)
@@ -552,8 +556,7 @@ def test_chunk_picks_of_whole_channels(isa, schedule, shape, layout, k, chunks, 
     gen = torch.Generator().manual_seed(k * chunks)
     raw = torch.randint(-4, 5, shape, generator=gen).float() if data == "integers" else torch.randn(shape, generator=gen)
     x = layout(raw)
-    index = torch.ops.lpnorm.batch_norm_forward(
-        x, None, None, None, None, True, 0.1, 1e-5, "topk", k, 2.0, chunks, "exact", "float")[4]
+    index = training_forward(x, "topk", k, chunks)[4]
     assert torch.equal(index, reference_top_indices(x, k, chunks))
     if data == "gaussian":
         check(x, dict(norm="topk", k=k, chunks=chunks), steps=1)
@@ -581,9 +584,7 @@ def test_chunked_channels_with_odd_chunks(isa, schedule, shape, layout, norm_kwa
     check(layout(raw), norm_kwargs, steps=1)
     raw[rows:2 * rows, 30] = math.nan  # a chunk without candidates
     x = layout(raw)
-    _, _, _, _, index, coef = torch.ops.lpnorm.batch_norm_forward(
-        x, None, None, None, None, True, 0.1, 1e-5, norm_kwargs["norm"], k, 2.0, norm_kwargs["chunks"], "exact",
-        "float")
+    _, _, _, _, index, coef = training_forward(x, norm_kwargs["norm"], k, norm_kwargs["chunks"])
     assert torch.equal(index[good], reference_top_indices(x[:, good], k, norm_kwargs["chunks"]))
     m = x.numel() // shape[1]
     assert ((index[30] >= 0) & (index[30] < m)).all() and coef[30].isnan().all()
@@ -619,8 +620,7 @@ def test_top_deviations_of_lane_lists(isa, kind, k, dtype):
             x = x.to(dtype)
         else:
             x = lane_list_data(kind, rows, channels, dtype)
-        _, _, _, _, index, _ = torch.ops.lpnorm.batch_norm_forward(
-            x, None, None, None, None, True, 0.1, 1e-5, "topk", k, 2.0, 1, "exact", "float")
+        _, _, _, _, index, _ = training_forward(x, "topk", k)
         assert torch.equal(index, reference_top_indices(x, k, 1)), (kind, rows, k)
 
 
@@ -639,8 +639,7 @@ def test_top_deviations_where_x_minus_mean_rounds_together(isa, monkeypatch, k, 
     picks = {}
     for schedule in ("fused", "split"):
         monkeypatch.setenv("LPNORM_CPU_SCHEDULE", schedule)
-        picks[schedule] = torch.ops.lpnorm.batch_norm_forward(
-            x, None, None, None, None, True, 0.1, 1e-5, "topk", k, 2.0, 1, "exact", "float")[4]
+        picks[schedule] = training_forward(x, "topk", k)[4]
     assert torch.equal(picks["fused"], picks["split"])
     assert set(picks["fused"][5, :2].tolist()) <= {1, 3, 5}
 
@@ -659,8 +658,7 @@ def test_lane_lists_kept_between_calls(isa):
     outputs = []
     for shape, norm, k in calls:
         x = data[shape]
-        out = torch.ops.lpnorm.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5, norm, k, 2.0, 1,
-                                                  "exact", "float")
+        out = training_forward(x, norm, k)
         good = [c for c in range(shape[1]) if not x[:, c].isnan().any()]
         assert torch.equal(out[4][good], reference_top_indices(x[:, good], k, 1)), (shape, norm, k)
         outputs.append(out)
@@ -672,8 +670,7 @@ def test_top_deviations_with_nan(isa):
     stay exact."""
     x = torch.randn(24, 150, generator=torch.Generator().manual_seed(4))
     x[3, 9] = math.nan
-    _, _, _, _, index, coef = torch.ops.lpnorm.batch_norm_forward(
-        x, None, None, None, None, True, 0.1, 1e-5, "topk", 10, 2.0, 1, "exact", "float")
+    _, _, _, _, index, coef = training_forward(x, "topk", 10)
     good = [c for c in range(150) if c != 9]
     assert torch.equal(index[good], reference_top_indices(x[:, good], 10, 1))
     assert ((index[9] >= 0) & (index[9] < 24)).all() and coef[9].isnan().all()
