@@ -255,14 +255,17 @@ LPNORM_INLINE void split_mantissa(VD m, VD& f, VD& k) {
   k = above ? k + 1 : k;
 }
 
+// 1.5 * 2^52: y + kRoundToWhole rounds y to a whole number (ties to even) for |y| < 2^51, and
+// holds that number in the low bits of its mantissa.
+constexpr double kRoundToWhole = 6755399441055744.0;
+
 // y rounded to the nearest whole number (ties to even), for |y| < 2^51.
 LPNORM_INLINE VD nearest_whole(VD y) {
 #if defined(__AVX512F__)
   return reinterpret_cast<VD>(
       _mm512_roundscale_pd(reinterpret_cast<__m512d>(y), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #else
-  constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52: y + kRound rounds y to a whole number
-  return (y + kRound) - kRound;
+  return (y + kRoundToWhole) - kRoundToWhole;
 #endif
 }
 
@@ -272,10 +275,10 @@ LPNORM_INLINE VD times_two_to(VD v, VD n) {
 #if defined(__AVX512F__)
   return reinterpret_cast<VD>(_mm512_scalef_pd(reinterpret_cast<__m512d>(v), reinterpret_cast<__m512d>(n)));
 #else
-  constexpr double kRound = 6755399441055744.0;  // n + kRound holds n in its low bits
   n = n < -1200 ? splat<VD>(-1200.0) : n;
   n = n > 1200 ? splat<VD>(1200.0) : n;
-  const VI64 whole = reinterpret_cast<VI64>(n + kRound) - reinterpret_cast<VI64>(splat<VD>(kRound)), half = whole >> 1;
+  const VI64 whole = reinterpret_cast<VI64>(n + kRoundToWhole) - reinterpret_cast<VI64>(splat<VD>(kRoundToWhole));
+  const VI64 half = whole >> 1;
   return v * reinterpret_cast<VD>((half + 1023) << 52) * reinterpret_cast<VD>((whole - half + 1023) << 52);
 #endif
 }
