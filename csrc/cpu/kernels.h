@@ -104,7 +104,7 @@ struct GradApplyArgs {
   // min are one element), so each element's terms are summed first. Top-k and L-inf picks are
   // distinct elements; only a chunk without enough picks repeats index 0, with NaN
   // coefficients, and its channel's gradient is NaN throughout anyway.
-  bool sparse_may_repeat;
+  bool sparse_may_repeat = true;
   bool stream = false;            // non-temporal stores: grad_x is far bigger than the caches
 };
 
