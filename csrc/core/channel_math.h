@@ -184,29 +184,44 @@ LPNORM_HOST_DEVICE inline int64_t pick_largest_deviations(const Candidate* large
                     [&](int64_t j) { return j < lower ? std::abs(-smallest[j].value - mean) : -1.0; });
   }
 
+  // The pool of both lists, ordered by a heap whose root is the first in deviation_before's
+  // order: O(size + picks log size). (A selection, with a search for the element both lists
+  // hold, was O(size * picks): where k is near m / 2 every list crosses the mean, and
+  // (256, 1024) topk with k = 128 took 300x torch's time.)
   int64_t size = 0;
-  auto add = [&](double x, int64_t index) {
-    if (index == kNoIndex) return;
-    for (int64_t i = 0; i < size; ++i) {
-      if (pool[i].index == index) return;  // small chunks: both ends saw the same element
-    }
-    pool[size++] = {x, index, std::abs(x - mean)};
-  };
-  for (int64_t i = 0; i < per_end; ++i) add(largest[i].value, largest[i].index);
-  for (int64_t i = 0; i < per_end; ++i) add(-smallest[i].value, smallest[i].index);
-
-  // Selection of the first `count` in a strict total order (indices are distinct): the same
-  // result as any sort, without one.
-  const int64_t count = picks < size ? picks : size;
-  for (int64_t i = 0; i < count; ++i) {
-    int64_t best = i;
-    for (int64_t j = i + 1; j < size; ++j) {
-      if (deviation_before(pool[j], pool[best])) best = j;
-    }
-    const Deviation chosen = pool[best];
-    pool[best] = pool[i];
-    pool[i] = chosen;
+  for (int64_t i = 0; i < per_end; ++i) {
+    if (largest[i].index != kNoIndex) pool[size++] = {largest[i].value, largest[i].index, std::abs(largest[i].value - mean)};
   }
+  for (int64_t i = 0; i < per_end; ++i) {
+    if (smallest[i].index != kNoIndex) pool[size++] = {-smallest[i].value, smallest[i].index, std::abs(-smallest[i].value - mean)};
+  }
+  auto sift_down = [&](int64_t node, int64_t end) {
+    for (int64_t child = 2 * node + 1; child < end; node = child, child = 2 * node + 1) {
+      if (child + 1 < end && deviation_before(pool[child + 1], pool[child])) ++child;
+      if (!deviation_before(pool[child], pool[node])) return;
+      const Deviation held = pool[node];
+      pool[node] = pool[child];
+      pool[child] = held;
+    }
+  };
+  for (int64_t node = size / 2 - 1; node >= 0; --node) sift_down(node, size);
+  // Each pop moves the root to the slot the heap gives up at its end, so the picks gather at
+  // the back, the first last. An element both lists hold (a small chunk) pops twice in a row:
+  // equal in the order, nothing falls between them.
+  int64_t end = size, count = 0;
+  while (end > 0 && count < picks) {
+    const Deviation first = pool[0];
+    pool[0] = pool[--end];
+    sift_down(0, end);
+    if (count > 0 && pool[size - count].index == first.index) continue;
+    pool[size - 1 - count++] = first;
+  }
+  for (int64_t i = size - count, j = size - 1; i < j; ++i, --j) {  // the first first
+    const Deviation held = pool[i];
+    pool[i] = pool[j];
+    pool[j] = held;
+  }
+  for (int64_t i = 0; i < count; ++i) pool[i] = pool[size - count + i];  // to the front
   return count;
 }
 
