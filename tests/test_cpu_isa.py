@@ -529,20 +529,20 @@ def test_top_deviations_of_channel_major_lists(isa, dtype, k, shape):
 
 
 @pytest.mark.parametrize("data", ["integers", "gaussian"])
-@pytest.mark.parametrize("k", [17, 20, 24, 25, 32, 33])
+@pytest.mark.parametrize("k", [17, 20, 24, 25, 32, 33, 48, 49, 64, 65])
 @pytest.mark.parametrize("shape,layout", [((256, 40), contiguous), ((3000, 20), contiguous),
                                           ((64, 20, 4, 4), channels_last)], ids=["256-rows", "3000-rows", "nhwc"])
 def test_top_deviations_past_sixteen_levels(isa, schedule, shape, layout, k, data):
-    """Channels-innermost top-k networks of 24 and 32 levels (k = 17-32: block maxima and the
-    bound's candidates ranked in slots) and past them (k = 33: every copy, exact): the saved
-    indices are the reference's, on spans that copy every vector (256 rows) and that test each
-    (3000 rows)."""
+    """Channels-innermost top-k networks of 24, 32, 48 and 64 levels (k = 17-64: block maxima
+    and the bound's candidates ranked in slots) and past them (k = 65: every copy, exact): the
+    saved indices are the reference's, on spans that copy every vector (256 rows) and that test
+    each (3000 rows)."""
     gen = torch.Generator().manual_seed(k)
     raw = torch.randint(-5, 6, shape, generator=gen).float() if data == "integers" else torch.randn(shape, generator=gen)
     x = layout(raw)
     index = training_forward(x, "topk", k)[4]
     assert torch.equal(index, reference_top_indices(x, k, 1))
-    if data == "gaussian" and k in (20, 32):
+    if data == "gaussian" and k in (20, 32, 48, 64):
         check(x, dict(norm="topk", k=k), steps=1)
 
 

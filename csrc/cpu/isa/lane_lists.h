@@ -47,18 +47,20 @@ struct LaneLists {
   // merge exactly). A batch through the network is a few copies per level: the filter's
   // k-th values lag by a batch, and short lists (linf: one level) catch up fast.
   static constexpr int64_t kMaxCopies = 2048, kBatchPerLevel = 4;
-  // Networks of up to this many levels (k rounded up to even, or to 24 or 32 past 16) are
-  // local arrays, in registers where they fit, and take block maxima; longer ones are in
+  // Networks of up to this many levels (k rounded up to even, or to 24, 32, 48 or 64 past 16)
+  // are local arrays, in registers where they fit, and take block maxima; longer ones are in
   // memory and take every copy. (Levels in memory from k = 17 on made the (256, 1024) topk
-  // forward 2.7x as long at k = 17 as at 16, a (32, 64, 56, 56) channels-last one 1.8x.)
-  static constexpr int kMaxLevels = 32;
+  // forward 2.7x as long at k = 17 as at 16, a (32, 64, 56, 56) channels-last one 1.8x; from
+  // k = 33 on, 1T forward at k = 40: (256, 1024) 1.38 ms against 0.55 as local arrays,
+  // (32, 64, 28, 28) channels-last 3.4 against 0.87.)
+  static constexpr int kMaxLevels = 64;
   // Copies per network entry, at most, where the levels are in registers: a span of m rows
   // takes blocks of 4 where m / 4 >= kBlocksPerLevel * k, of 2 or 1 where it is shorter (the
   // k-th largest of too few block maxima is a loose bound: m = 64, k = 10, blocks of 4 leave
   // 13 candidates on average against 10). Slots per lane and end the flush ranks (more
   // candidates than that, mostly ties, take an exact scalar selection).
   static constexpr int64_t kMaxCopyBlock = 4, kBlocksPerLevel = 6;
-  static constexpr int kSlots = 48;  // k = 32 with blocks of 2-4 leaves ~35-40 per lane
+  static constexpr int kSlots = 96;  // k = 32 with blocks of 2-4 leaves ~35-40 per lane, k = 64 ~70
   static constexpr A kLowest = -std::numeric_limits<A>::max();  // v >= it: v beats an unfilled -inf
   int64_t per_end = 0, levels = 0, base = 0, groups = 0, capacity = 0, stride = 0;
   int64_t copy_block = 1;  // copies per network entry
@@ -89,7 +91,7 @@ struct LaneLists {
     return block;
   }
   static int64_t levels_for(int64_t k) {
-    return k == 1 ? 1 : k <= 16 ? (k + 1) / 2 * 2 : k <= 24 ? 24 : k <= kMaxLevels ? kMaxLevels : k;
+    return k == 1 ? 1 : k <= 16 ? (k + 1) / 2 * 2 : k <= 24 ? 24 : k <= 32 ? 32 : k <= 48 ? 48 : k <= kMaxLevels ? kMaxLevels : k;
   }
   // For a walk of `rows` rows, `group_count` vectors of channels wide. A thread keeps its
   // lists from walk to walk (see reduce_channels_innermost): the buffers grow as needed, and
@@ -294,6 +296,8 @@ struct LaneLists {
       case 16: return fn(std::integral_constant<int, 16>{});
       case 24: return fn(std::integral_constant<int, 24>{});
       case 32: return fn(std::integral_constant<int, 32>{});
+      case 48: return fn(std::integral_constant<int, 48>{});
+      case 64: return fn(std::integral_constant<int, 64>{});
       default: return fn(std::integral_constant<int, 0>{});
     }
   }
