@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import lpnorm
+from bench_cpu import statements  # the same forward and forward+backward calls as bench_cpu.py
 
 FLOOR_SOURCE = r"""
 #include <omp.h>
@@ -140,9 +141,6 @@ def main():
     channels = shape[1]
     rows = x.numel() // channels
     weight, bias = torch.rand(channels) + 0.5, torch.randn(channels)
-    running_mean, running_var = torch.zeros(channels), torch.ones(channels)
-    xg = x.clone().requires_grad_()
-    wg, bg = weight.clone().requires_grad_(), bias.clone().requires_grad_()
 
     with tempfile.TemporaryDirectory() as directory:
         lib = build_floor(directory)
@@ -161,14 +159,7 @@ def main():
             return run
 
         def norm(fn, backward):
-            def forward():
-                with torch.no_grad():
-                    fn(x, running_mean, running_var, weight, bias)
-
-            def forward_backward():
-                xg.grad = wg.grad = bg.grad = None
-                fn(xg, running_mean, running_var, wg, bg).backward(g)
-            return forward_backward if backward else forward
+            return statements(fn, x, weight, bias, g)[1 if backward else 0]
 
         batch_norms = {
             "torch": lambda *a: F.batch_norm(*a, training=True),

@@ -48,6 +48,11 @@ struct NormSpec {
       default: return 0;
     }
   }
+  // Whether one chunk's sparse indices may name one element twice with finite coefficients:
+  // range's max and min of a constant chunk. Top-k and L-inf picks are distinct elements (a
+  // chunk without enough picks repeats index 0 with NaN coefficients, in a channel whose
+  // gradient is NaN throughout anyway).
+  LPNORM_HOST_DEVICE bool sparse_may_repeat() const { return kind == NormKind::Range; }
   LPNORM_HOST_DEVICE PhiKind phi() const {
     switch (kind) {
       case NormKind::L2: return PhiKind::Identity;

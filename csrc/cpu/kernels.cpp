@@ -198,7 +198,8 @@ void apply_grad(const GradApplyArgs& a, const Tile& t) {
     with_phi(a.phi, [&](auto phi) {
       const GradApplyOp<phi.value, A> op{Power<A>::of(a.power)};
       const int64_t per_channel = a.sparse_per_channel;
-      if (per_channel > 0 && walk(a.layout) == Walk::ChannelsInnermost && map_with_lane_terms<T>(a, t, params, op)) {
+      const bool innermost = walk(a.layout) == Walk::ChannelsInnermost;
+      if (per_channel > 0 && innermost && map_with_lane_terms<T>(a, t, params, op)) {
         return;
       }
       map<T>(a.layout, t, a.x, a.grad, a.grad_x, params, op, a.stream);
@@ -215,12 +216,12 @@ void apply_grad(const GradApplyArgs& a, const Tile& t) {
       // one L1 set, and terms that follow each other there wait on each other. (256, 1024)
       // topk backward, 1 thread: 93-100 us before this loop was lean (no repeat search, the
       // channel's values in locals), 76-78 after, but 117-120 lean and channel by channel.
-      const int64_t per_line = l.stride_c == 1 ? std::max<int64_t>(1, 64 / static_cast<int64_t>(sizeof(T))) : 1;
+      const int64_t per_line = innermost ? static_cast<int64_t>(kLineBytes / sizeof(T)) : 1;
       for (int64_t first = t.c_begin; first < std::min(t.c_end, t.c_begin + per_line); ++first) {
         for (int64_t c = first; c < t.c_end; c += per_line) {
           const int64_t* index = a.sparse_index + c * per_channel;
           const double* coef = a.sparse_coef + c * per_channel;
-          // Where an index can repeat (sparse_may_repeat: range), its terms are summed at its
+          // Where an index can repeat (sparse_may_repeat), its terms are summed at its
           // first entry. Only a channel that may have repeats searches for them per entry:
           // the indices are filed by their low bits, and a filled slot (a repeat, or two
           // indices that share the bits) sends the channel to the search.

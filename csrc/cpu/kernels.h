@@ -100,10 +100,7 @@ struct GradApplyArgs {
   const int64_t* sparse_index;    // [C][sparse_per_channel], flat n * S + s
   const double* sparse_coef;      // [C][sparse_per_channel]
   int64_t sparse_per_channel;
-  // A channel's indices may repeat with finite coefficients (range: a constant chunk's max and
-  // min are one element), so each element's terms are summed first. Top-k and L-inf picks are
-  // distinct elements; only a chunk without enough picks repeats index 0, with NaN
-  // coefficients, and its channel's gradient is NaN throughout anyway.
+  // core::NormSpec::sparse_may_repeat: each element's terms are summed first.
   bool sparse_may_repeat = true;
   bool stream = false;            // non-temporal stores: grad_x is far bigger than the caches
 };

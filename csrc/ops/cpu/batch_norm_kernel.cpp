@@ -561,7 +561,7 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
   };
   auto apply = [&](const Tile& t) {
     kernels.apply_grad({layout, dtype, gp, xp, gxp, mean.data(), spec.phi(), spec.p, grad_coef.data(), index_p,
-                        sparse.data(), cols, spec.kind == core::NormKind::Range, stream},
+                        sparse.data(), cols, spec.sparse_may_repeat(), stream},
                        t);
   };
 

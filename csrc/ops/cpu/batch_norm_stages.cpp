@@ -339,7 +339,7 @@ Tensor apply_grad_cpu(const Tensor& grad_output, const Tensor& input, const Opti
                                 local_index.data(),
                                 sparse_values.const_data_ptr<double>(),
                                 cols,
-                                spec.kind == core::NormKind::Range,
+                                spec.sparse_may_repeat(),
                                 streams_output(grad_input.nbytes())};
   const Plan plan = make_apply_plan(layout, x.element_size(), make_plan(layout, x.element_size(), 2));
   for_each_tile(plan, [&](const Tile& t, int64_t) { kernels.apply_grad(args, t); });
