@@ -133,12 +133,16 @@ __global__ void finish_grad_kernel(GradSetup s) {
   const T* x = static_cast<const T*>(b.x);
   T* grad_x = static_cast<T*>(b.grad_x);
   for (int64_t i = 0; i < cols; ++i) {
-    bool first = true;  // an index can repeat (range of a constant chunk): sum its terms once
-    for (int64_t j = 0; j < i; ++j) first = first && index[j] != index[i];
-    if (!first) continue;
-    double sparse = 0;
-    for (int64_t j = i; j < cols; ++j) {
-      if (index[j] == index[i]) sparse += load_channel(b.sparse_coef, b.stats_dtype, c * cols + j);
+    double sparse = load_channel(b.sparse_coef, b.stats_dtype, c * cols + i);
+    // Where an index can repeat (range of a constant chunk), its terms are summed at its first
+    // entry; elsewhere the search would make the loop O(cols^2) for nothing.
+    if (b.sparse_may_repeat) {
+      bool first = true;
+      for (int64_t j = 0; j < i; ++j) first = first && index[j] != index[i];
+      if (!first) continue;
+      for (int64_t j = i + 1; j < cols; ++j) {
+        if (index[j] == index[i]) sparse += load_channel(b.sparse_coef, b.stats_dtype, c * cols + j);
+      }
     }
     const int64_t offset = l.offset(index[i] / l.S, c, index[i] % l.S);
     const double g = Num<T>::load(grad[offset]);

@@ -85,6 +85,7 @@ struct BackwardArgs {
   const int64_t* sparse_index = nullptr;
   const void* sparse_coef = nullptr;
   int64_t sparse_cols = 0;
+  bool sparse_may_repeat = true;    // core::NormSpec::sparse_may_repeat: sum an index's terms first
   Channels grad_weight, grad_bias;  // written when present
 };
 

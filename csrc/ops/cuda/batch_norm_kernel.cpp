@@ -147,6 +147,7 @@ BackwardResult batch_norm_backward_cuda(const Tensor& grad_output, const Tensor&
   args.sparse_index = index.const_data_ptr<int64_t>();
   args.sparse_coef = sparse.const_data_ptr();
   args.sparse_cols = cols;
+  args.sparse_may_repeat = spec.sparse_may_repeat();
   args.grad_weight = channels(grad_weight);
   args.grad_bias = channels(grad_bias);
   const char* unsupported = cuda::backward_unsupported(args);
