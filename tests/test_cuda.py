@@ -255,6 +255,20 @@ def test_cuda_refuses_topk_above_32():
     lpnorm.functional.batch_norm(**cpu, norm="topk", k=33)
 
 
+@cuda_or_fake
+@pytest.mark.parametrize("norm_kwargs", GEOMETRY_NORMS, ids=[norm_id(n) for n in GEOMETRY_NORMS])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cuda_mean_far_from_zero(norm_kwargs, training):
+    """|mean| >> sigma (float32 data around 1000, spread 0.01; eval with running statistics
+    alike): y = (x - mean) * scale + bias as on the CPU, where x * alpha + (bias - mean * alpha)
+    would lose about 1e-2 of y to cancellation."""
+    x, params, grad = make_case((8, 3, 5, 5), "float32")
+    x = 1000.0 + 0.01 * x
+    weight, bias, _, _ = params
+    running = (torch.full((3,), 1000.0), torch.full((3,), 1e-4))
+    assert_cuda_matches_cpu(x, (weight, bias) + running, grad, norm_kwargs, training, what="far from zero")
+
+
 # ---------------------------------------------------------------------------------------------
 # Empty and non-finite inputs on the GPU (beyond test_batch_norm's device-parametrized cases)
 

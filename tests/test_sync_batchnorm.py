@@ -178,6 +178,26 @@ def test_single_process_falls_back_to_the_local_batch_norm():
     assert lpnorm.nn.SyncLpBatchNorm(3)(torch.randn(5, 3)).shape == (5, 3)
 
 
+def test_synchronized_statistics_of_non_cpu_tensors_are_refused(monkeypatch):
+    # The stage operators have CPU kernels only: a GPU input in a process group of two gets a
+    # clear error before any communication (here a meta tensor in a pretended group of two).
+    import pytest
+    import torch.distributed as dist
+
+    import lpnorm
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "group", type("Groups", (), {"WORLD": object()}))
+    layer = lpnorm.nn.SyncLpBatchNorm(3)
+    with pytest.raises(NotImplementedError, match="CPU tensors.*got input on meta"):
+        layer(torch.empty(4, 3, 2, 2, device="meta"))
+    # the same layer in evaluation normalizes locally: no synchronization, nothing refused
+    layer.eval()
+    assert layer(torch.randn(4, 3, 2, 2)).shape == (4, 3, 2, 2)
+
+
 def test_chunks_are_refused():
     import pytest
 

@@ -1,6 +1,6 @@
-// The backward passes on the GPU: reduce_grad, apply_grad (the dense formula, with the
-// per-channel coefficients of core::grad_coefficients computed where they are used), and
-// finish_grad (parameter gradients and the sparse entries recomputed whole).
+// The backward passes on the GPU: reduce_grad, grad_channels (the per-channel coefficients of
+// core::grad_coefficients, once per channel), apply_grad (the dense formula) and finish_grad
+// (parameter gradients and the sparse entries recomputed whole).
 #include "cuda/common.cuh"
 #include "cuda/passes.cuh"
 
@@ -49,17 +49,18 @@ struct GradReduceOp {
   }
 };
 
-// What every consumer of the reductions needs to rebuild a channel's coefficients; each
-// rebuilds them the same way, so they agree to the bit.
-struct GradSetup {
-  BackwardArgs b;
-  Geometry geo;      // of reduce_grad (its partials)
-  SumPartials sums;  // sum g, sum g * d
-};
-
 struct ChannelGrad {
   core::GradCoefficients coef;
   double mean, invstd, sum_g, sum_gd;
+};
+
+// What grad_channels needs to build a channel's coefficients, and where apply_grad and
+// finish_grad find them.
+struct GradSetup {
+  BackwardArgs b;
+  Geometry geo;          // of reduce_grad (its partials)
+  SumPartials sums;      // sum g, sum g * d
+  ChannelGrad* channel;  // [C]
 };
 
 __device__ __forceinline__ ChannelGrad channel_grad(const GradSetup& s, int64_t c) {
@@ -78,6 +79,14 @@ __device__ __forceinline__ ChannelGrad channel_grad(const GradSetup& s, int64_t 
   return r;
 }
 
+// ---- grad_channels: one thread per channel ----------------------------------------------------
+// (Each thread of apply_grad summing its channel's partials itself made it O(splits^2).)
+
+__global__ void grad_channels_kernel(GradSetup s) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c < s.b.layout.C) s.channel[c] = channel_grad(s, c);
+}
+
 // ---- apply_grad: dx = scale_g * g + scale_phi * phi(x - mean) + offset ------------------------
 
 template <typename T, int V, core::PhiKind PHI>
@@ -94,11 +103,11 @@ struct GradApplyOp {
   const T* __restrict__ grad;
   const T* __restrict__ x;
   T* __restrict__ out;
-  GradSetup setup;
+  const ChannelGrad* channel;  // grad_channels_kernel's
   A power;
 
   __device__ __forceinline__ Ctx context(int64_t c) const {
-    const ChannelGrad r = channel_grad(setup, c);
+    const ChannelGrad& r = channel[c];
     return {static_cast<A>(r.mean), static_cast<A>(r.coef.scale_g), static_cast<A>(r.coef.scale_phi),
             static_cast<A>(r.coef.offset)};
   }
@@ -109,6 +118,9 @@ struct GradApplyOp {
     return l;
   }
   __device__ __forceinline__ A compute(const Ctx& ctx, const Loaded& l, int i) const {
+    // No phi term at all without one (linf, topk, range): scale_phi may be inf or NaN there,
+    // and inf * 0 would make the gradient NaN (the CPU's GradApplyOp drops it too).
+    if constexpr (PHI == core::PhiKind::None) return ctx.scale_g * l.g[i] + ctx.offset;
     return ctx.scale_g * l.g[i] + ctx.scale_phi * phi_of<PHI>(l.x[i] - ctx.mean, power) + ctx.offset;
   }
 };
@@ -120,7 +132,7 @@ __global__ void finish_grad_kernel(GradSetup s) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const BackwardArgs& b = s.b;
   if (c >= b.layout.C) return;
-  const ChannelGrad r = channel_grad(s, c);
+  const ChannelGrad& r = s.channel[c];
   if (b.grad_weight.data != nullptr) store_channel(b.grad_weight.data, b.grad_weight.dtype, c, r.sum_gd * r.invstd);
   if (b.grad_bias.data != nullptr) store_channel(b.grad_bias.data, b.grad_bias.dtype, c, r.sum_g);
 
@@ -166,13 +178,19 @@ BackwardPlan plan_backward(const BackwardArgs& a) {
           make_plan(a.layout, 1, size, in_bits | address_bits(a.grad_x), 16, 0)};
 }
 
-SumPartials carve_backward(const BackwardPlan& p, void* base, size_t* bytes) {
-  Bump bump{static_cast<unsigned char*>(base)};
+struct BackwardWorkspace {
   SumPartials sums;
-  sums.a = bump.take<double>(p.reduce.partials());
-  sums.b = bump.take<double>(p.reduce.partials());
+  ChannelGrad* channel;
+};
+
+BackwardWorkspace carve_backward(const BackwardArgs& a, const BackwardPlan& p, void* base, size_t* bytes) {
+  Bump bump{static_cast<unsigned char*>(base)};
+  BackwardWorkspace w;
+  w.sums.a = bump.take<double>(p.reduce.partials());
+  w.sums.b = bump.take<double>(p.reduce.partials());
+  w.channel = bump.take<ChannelGrad>(a.layout.C);
   if (bytes != nullptr) *bytes = bump.used;
-  return sums;
+  return w;
 }
 
 }  // namespace
@@ -186,7 +204,7 @@ const char* backward_unsupported(const BackwardArgs& a) {
 
 size_t backward_workspace_bytes(const BackwardArgs& a) {
   size_t bytes = 0;
-  detail::carve_backward(detail::plan_backward(a), nullptr, &bytes);
+  detail::carve_backward(a, detail::plan_backward(a), nullptr, &bytes);
   return bytes;
 }
 
@@ -194,9 +212,11 @@ cudaError_t batch_norm_backward(const BackwardArgs& a, void* workspace, cudaStre
   using namespace detail;
   if (a.layout.C == 0) return cudaSuccess;
   const BackwardPlan plan = plan_backward(a);
-  const SumPartials sums = carve_backward(plan, workspace, nullptr);
-  const GradSetup setup{a, plan.reduce.geo, sums};
+  const BackwardWorkspace w = carve_backward(a, plan, workspace, nullptr);
+  const SumPartials sums = w.sums;
+  const GradSetup setup{a, plan.reduce.geo, sums, w.channel};
   const bool elements = a.layout.count() > 0;
+  constexpr int kChannelThreads = 128;  // the per-channel kernels'
 
   with_type(a.dtype, [&](auto type_tag) {
     using T = decltype(type_tag);
@@ -209,17 +229,19 @@ cudaError_t batch_norm_backward(const BackwardArgs& a, void* workspace, cudaStre
         using Op = GradReduceOp<T, V>;
         launch_reduce<Op, V>(plan.reduce, Op{grad, x, a.save_mean, a.stats_dtype, sums}, stream);
       });
+    }
+    grad_channels_kernel<<<channel_blocks(a.layout.C, kChannelThreads), kChannelThreads, 0, stream>>>(setup);
+    if (elements) {
       with_phi(a.phi, [&](auto phi_tag) {
         constexpr core::PhiKind PHI = decltype(phi_tag)::value;
         with_vec<T>(plan.apply.vec, [&](auto vec_tag) {
           constexpr int V = decltype(vec_tag)::value;
           using Op = GradApplyOp<T, V, PHI>;
-          launch_apply<Op, V>(plan.apply, Op{grad, x, static_cast<T*>(a.grad_x), setup, static_cast<A>(a.power)},
+          launch_apply<Op, V>(plan.apply, Op{grad, x, static_cast<T*>(a.grad_x), w.channel, static_cast<A>(a.power)},
                               stream);
         });
       });
     }
-    constexpr int kChannelThreads = 128;
     finish_grad_kernel<T><<<channel_blocks(a.layout.C, kChannelThreads), kChannelThreads, 0, stream>>>(setup);
   });
   return cudaGetLastError();

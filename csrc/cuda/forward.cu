@@ -179,18 +179,11 @@ struct DeviationOp {
   };
 
   const T* __restrict__ x;
-  const double* sum_partial;  // of collect_stats, to recompute the mean exactly as finish does
-  Geometry stats_geo;
-  int64_t count;
+  const double* mean;  // channel_means_kernel's
   A power;
   SumPartials out;
 
-  __device__ __forceinline__ Ctx context(int64_t c) const {
-    core::ChannelSums sums;
-    sums.count = count;
-    sums.sum = combine(sum_partial, stats_geo, c);
-    return {static_cast<A>(core::channel_mean(sums))};
-  }
+  __device__ __forceinline__ Ctx context(int64_t c) const { return {static_cast<A>(mean[c])}; }
   __device__ __forceinline__ Loaded load(int64_t offset) const {
     Loaded l;
     load_pack<T, V>(x + offset, l.v);
@@ -218,14 +211,16 @@ struct DeviationOp {
   }
 };
 
-// ---- apply_affine: y = x * alpha + beta ------------------------------------------------------
+// ---- apply_affine: y = (x - mean) * scale + bias ---------------------------------------------
+// As the CPU's: x * alpha + (bias - mean * alpha) cancels where |mean| >> sigma (a constant
+// channel of 7.0 came out bias +- 2.4e-4 in float32).
 
 template <typename T, int V>
 struct AffineOp {
   using Elem = T;
   using A = typename Num<T>::acc;
   struct Ctx {
-    A alpha, beta;
+    A mean, scale, bias;
   };
   struct Loaded {
     A v[V];
@@ -233,11 +228,12 @@ struct AffineOp {
 
   const T* __restrict__ x;
   T* __restrict__ out;
-  const double* alpha;
-  const double* beta;
+  const double* mean;
+  const double* scale;
+  const double* bias;
 
   __device__ __forceinline__ Ctx context(int64_t c) const {
-    return {static_cast<A>(alpha[c]), static_cast<A>(beta[c])};
+    return {static_cast<A>(mean[c]), static_cast<A>(scale[c]), static_cast<A>(bias[c])};
   }
   __device__ __forceinline__ Loaded load(int64_t offset) const {
     Loaded l;
@@ -245,9 +241,28 @@ struct AffineOp {
     return l;
   }
   __device__ __forceinline__ A compute(const Ctx& ctx, const Loaded& l, int i) const {
-    return l.v[i] * ctx.alpha + ctx.beta;
+    return (l.v[i] - ctx.mean) * ctx.scale + ctx.bias;
   }
 };
+
+// ---- channel_means: each channel's batch mean, once, for the deviation pass ------------------
+// (Each of its threads summing the channel's partials itself made the pass O(splits^2).)
+
+struct MeansArgs {
+  const double* sum_partial;  // of collect_stats
+  Geometry geo;
+  int64_t count, channels;
+  double* mean;
+};
+
+__global__ void channel_means_kernel(MeansArgs a) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= a.channels) return;
+  core::ChannelSums sums;
+  sums.count = a.count;
+  sums.sum = combine(a.sum_partial, a.geo, c);
+  a.mean[c] = core::channel_mean(sums);
+}
 
 // ---- finish_channels: the core's per-channel step, one thread per channel --------------------
 
@@ -262,8 +277,9 @@ struct FinishArgs {
   core::Candidate* hi;   // [C][chunks][per_end], the merged lists
   core::Candidate* lo;
   core::Deviation* pool; // [C][2 per_end]
-  double* alpha;
-  double* beta;
+  double* mean;           // apply_affine's parameters
+  double* scale;
+  double* bias;
 };
 
 template <typename StatT>
@@ -330,10 +346,10 @@ __global__ void finish_channels_kernel(FinishArgs a) {
   save_coef[3 * c] = static_cast<StatT>(sigma);
   save_coef[3 * c + 1] = static_cast<StatT>(phi_scale);
   save_coef[3 * c + 2] = static_cast<StatT>(phi_offset);
-  // y = (x - mean) * invstd * weight + bias = x * alpha + beta
-  const double alpha = invstd * load_channel(f.weight, c, 1.0);
-  a.alpha[c] = alpha;
-  a.beta[c] = load_channel(f.bias, c, 0.0) - mean * alpha;
+  // y = (x - mean) * scale + bias, scale = invstd * weight (the CPU's keep_channel)
+  a.mean[c] = mean;
+  a.scale[c] = invstd * load_channel(f.weight, c, 1.0);
+  a.bias[c] = load_channel(f.bias, c, 0.0);
 }
 
 // ---- the plan of one call --------------------------------------------------------------------
@@ -386,8 +402,9 @@ struct ForwardWorkspace {
   core::Candidate* hi;
   core::Candidate* lo;
   core::Deviation* pool;
-  double* alpha;
-  double* beta;
+  double* mean;  // [C]: the deviation pass's, then apply_affine's with scale and bias
+  double* scale;
+  double* bias;
   size_t bytes;
 };
 
@@ -404,8 +421,9 @@ ForwardWorkspace carve_forward(const ForwardArgs& a, const ForwardPlan& p, void*
   w.hi = bump.take<core::Candidate>(C * chunks * p.per_end);
   w.lo = bump.take<core::Candidate>(C * chunks * p.per_end);
   w.pool = bump.take<core::Deviation>(a.batch_stats ? C * core::deviation_scratch_size(a.spec) : 0);
-  w.alpha = bump.take<double>(C);
-  w.beta = bump.take<double>(C);
+  w.mean = bump.take<double>(C);
+  w.scale = bump.take<double>(C);
+  w.bias = bump.take<double>(C);
   w.bytes = bump.used;
   return w;
 }
@@ -434,6 +452,7 @@ cudaError_t batch_norm_forward(const ForwardArgs& a, void* workspace, cudaStream
   const ForwardPlan plan = plan_forward(a);
   const ForwardWorkspace w = carve_forward(a, plan, workspace);
   const int64_t m = a.layout.count();
+  constexpr int kChannelThreads = 128;  // the per-channel kernels'
 
   with_type(a.dtype, [&](auto type_tag) {
     using T = decltype(type_tag);
@@ -452,15 +471,17 @@ cudaError_t batch_norm_forward(const ForwardArgs& a, void* workspace, cudaStream
           }
         });
       });
-      // collect_deviations (dense norms)
+      // collect_deviations (dense norms), around the means
       if (a.spec.uses_deviation_sums()) {
+        const MeansArgs means{w.sum_partial, plan.stats.geo, m, a.layout.C, w.mean};
+        channel_means_kernel<<<channel_blocks(a.layout.C, kChannelThreads), kChannelThreads, 0, stream>>>(means);
         with_phi(a.spec.phi(), [&](auto phi_tag) {
           constexpr core::PhiKind PHI = decltype(phi_tag)::value;
           if constexpr (PHI != core::PhiKind::None) {
             with_vec<T>(plan.deviations.vec, [&](auto vec_tag) {
               constexpr int V = decltype(vec_tag)::value;
               using Op = DeviationOp<T, V, PHI>;
-              const Op op{x, w.sum_partial, plan.stats.geo, m, static_cast<A>(a.spec.deviation_power()), w.dev};
+              const Op op{x, w.mean, static_cast<A>(a.spec.deviation_power()), w.dev};
               launch_reduce<Op, V>(plan.deviations, op, stream);
             });
           }
@@ -469,8 +490,7 @@ cudaError_t batch_norm_forward(const ForwardArgs& a, void* workspace, cudaStream
     }
     // finish_channels
     FinishArgs finish{a, plan.stats.geo, w.sum_partial, w.partial_hi, w.partial_lo, plan.deviations.geo, w.dev,
-                      w.hi, w.lo, w.pool, w.alpha, w.beta};
-    constexpr int kChannelThreads = 128;
+                      w.hi, w.lo, w.pool, w.mean, w.scale, w.bias};
     if (a.stats_dtype == Dtype::Float64) {
       finish_channels_kernel<double><<<channel_blocks(a.layout.C, kChannelThreads), kChannelThreads, 0, stream>>>(finish);
     } else {
@@ -481,7 +501,7 @@ cudaError_t batch_norm_forward(const ForwardArgs& a, void* workspace, cudaStream
       with_vec<T>(plan.affine.vec, [&](auto vec_tag) {
         constexpr int V = decltype(vec_tag)::value;
         using Op = AffineOp<T, V>;
-        const Op op{x, static_cast<T*>(a.y), w.alpha, w.beta};
+        const Op op{x, static_cast<T*>(a.y), w.mean, w.scale, w.bias};
         launch_apply<Op, V>(plan.affine, op, stream);
       });
     }

@@ -7,18 +7,22 @@
 // Forward, batch statistics:
 //   collect_stats        per (channel, chunk): sum of x and, for linf/topk/range, the per_end
 //                        largest and smallest values with their flat indices
+//   channel_means        dense norms: each channel's mean, once
 //   collect_deviations   dense norms: sum |x - mean|^q and sum phi(x - mean)
 //   finish_channels      core::channel_statistics_with per channel: saved tensors, sparse
-//                        entries, running statistics, alpha = invstd * w, beta = b - mean * alpha
-//   apply_affine         y = x * alpha + beta
+//                        entries, running statistics, mean, scale = invstd * w, bias
+//   apply_affine         y = (x - mean) * scale + bias
 // Backward:
 //   reduce_grad          sum g and sum g * (x - mean)
+//   grad_channels        core::grad_coefficients per channel
 //   apply_grad           dx = scale_g * g + scale_phi * phi(x - mean) + offset
 //   finish_grad          dweight, dbias, and the few sparse entries recomputed whole
 //
 // Every reduction runs in a fixed order (per-thread loops, warp shuffles, a shared-memory
 // step, then the per-block partials summed in index order): the same input gives the same
-// bits on every run, and the split into blocks depends on the shape only, not on the GPU.
+// bits on every run. The split into blocks and the per-thread order depend on the shape and
+// on the vector width, which the pointers' alignment picks (a view at an odd offset loads
+// one element at a time), not on the GPU.
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -130,8 +130,9 @@ class SyncLpBatchNorm(_LpBatchNorm):
     input gradients, running statistics) equal those of one process over the concatenated
     batch; ``weight``/``bias`` gradients are per process, as torch's (DDP sums them).
 
-    Works with gloo on CPU. ``chunks`` (ghost batches) is not supported: only ``chunks=1``;
-    nor is ``accumulate="half"``.
+    Works with gloo on CPU; the synchronized statistics of GPU tensors are refused with a
+    NotImplementedError (the stage operators have CPU kernels only). ``chunks`` (ghost
+    batches) is not supported: only ``chunks=1``; nor is ``accumulate="half"``.
     In evaluation, or without an initialized process group of more than one process, it is
     a plain :class:`LpBatchNorm2d`-like layer on the local batch.
     """
@@ -183,6 +184,11 @@ class SyncLpBatchNorm(_LpBatchNorm):
             process_group = self.process_group if self.process_group is not None else dist.group.WORLD
             world_size = dist.get_world_size(process_group)
             need_sync = world_size > 1
+        if need_sync and input.device.type != "cpu":
+            raise NotImplementedError(
+                f"SyncLpBatchNorm: synchronized statistics need CPU tensors (its stage operators have CPU "
+                f"kernels only; use the gloo backend); got input on {input.device}. LpBatchNorm*d normalizes "
+                f"each process's batch on any device")
         if not need_sync:
             return functional.batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
                                          factor, self.eps, self.norm, self.k, self.p, 1, self.constant)
