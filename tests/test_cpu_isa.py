@@ -529,14 +529,15 @@ def test_top_deviations_of_channel_major_lists(isa, dtype, k, shape):
 
 
 @pytest.mark.parametrize("data", ["integers", "gaussian"])
-@pytest.mark.parametrize("k", [17, 20, 24, 25, 32, 33, 48, 49, 64, 65])
+@pytest.mark.parametrize("k", [17, 20, 24, 25, 32, 33, 48, 49, 64, 65, 100, 128])
 @pytest.mark.parametrize("shape,layout", [((256, 40), contiguous), ((3000, 20), contiguous),
                                           ((64, 20, 4, 4), channels_last)], ids=["256-rows", "3000-rows", "nhwc"])
 def test_top_deviations_past_sixteen_levels(isa, schedule, shape, layout, k, data):
     """Channels-innermost top-k networks of 24, 32, 48 and 64 levels (k = 17-64: block maxima
-    and the bound's candidates ranked in slots) and past them (k = 65: every copy, exact): the
-    saved indices are the reference's, on spans that copy every vector (256 rows) and that test
-    each (3000 rows)."""
+    and the bound's candidates ranked in slots) and past them (k = 65: every copy, exact; k = 100
+    and 128 of 256 or 1024 rows: the copies sorted, LaneLists::sort_picks): the saved indices
+    are the reference's, on spans that copy every vector (256 rows, nhwc) and that test each
+    (3000 rows)."""
     gen = torch.Generator().manual_seed(k)
     raw = torch.randint(-5, 6, shape, generator=gen).float() if data == "integers" else torch.randn(shape, generator=gen)
     x = layout(raw)
@@ -624,7 +625,7 @@ def test_top_deviations_of_lane_lists(isa, kind, k, dtype):
         assert torch.equal(index, reference_top_indices(x, k, 1)), (kind, rows, k)
 
 
-@pytest.mark.parametrize("k", [2, 3, 10])
+@pytest.mark.parametrize("k", [2, 3, 10, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("values", [(3e-30, 2e-30, 1e-30), (0.0, 1e-30, 0.0)])
 def test_top_deviations_where_x_minus_mean_rounds_together(isa, monkeypatch, k, dtype, values):
@@ -652,7 +653,7 @@ def test_lane_lists_kept_between_calls(isa):
     bits."""
     gen = torch.Generator().manual_seed(5)
     calls = [((256, 70), "topk", 10), ((3000, 40), "topk", 40), ((24, 150), "topk", 3), ((256, 70), "linf", 1),
-             ((2100, 33), "topk", 17), ((64, 2048), "topk", 30), ((256, 70), "topk", 10)]
+             ((2100, 33), "topk", 17), ((64, 2048), "topk", 30), ((256, 70), "topk", 100), ((256, 70), "topk", 10)]
     data = {shape: torch.randn(shape, generator=gen) for shape, _, _ in calls}
     data[(2100, 33)][7, 4] = math.nan
     outputs = []
@@ -665,15 +666,16 @@ def test_lane_lists_kept_between_calls(isa):
     assert all(torch.equal(a, b) for a, b in zip(outputs[0], outputs[-1]))
 
 
-def test_top_deviations_with_nan(isa):
+@pytest.mark.parametrize("rows,k", [(24, 10), (256, 100)])
+def test_top_deviations_with_nan(isa, rows, k):
     """A NaN channel gives NaN statistics (and still valid indices); the other channels' picks
-    stay exact."""
-    x = torch.randn(24, 150, generator=torch.Generator().manual_seed(4))
+    stay exact (k = 100 of 256 rows: the sorted copies)."""
+    x = torch.randn(rows, 150, generator=torch.Generator().manual_seed(4))
     x[3, 9] = math.nan
-    _, _, _, _, index, coef = training_forward(x, "topk", 10)
+    _, _, _, _, index, coef = training_forward(x, "topk", k)
     good = [c for c in range(150) if c != 9]
-    assert torch.equal(index[good], reference_top_indices(x[:, good], 10, 1))
-    assert ((index[9] >= 0) & (index[9] < 24)).all() and coef[9].isnan().all()
+    assert torch.equal(index[good], reference_top_indices(x[:, good], k, 1))
+    assert ((index[9] >= 0) & (index[9] < rows)).all() and coef[9].isnan().all()
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.1, 1.0])

@@ -80,6 +80,8 @@ struct LaneLists {
   std::vector<uint32_t> picked_lanes;  // [group]: the lanes pick_from_copies picked
   std::vector<A> slot_values;  // [kSlots + 1][W]: one end's candidates by lane, then the spill
   std::vector<R> slot_rows;
+  std::vector<VD> sort_keys;  // sort_picks' |x - mean| and copies, D lanes of a group at a time
+  std::vector<VI64> sort_rows;
   // Set before the last flush where the lists need only cover the k largest |x - mean|
   // (StatsArgs::picked): the channels' means as core has them, [group][W].
   std::vector<double> exact_means;
@@ -126,7 +128,7 @@ struct LaneLists {
     const auto bytes = [](const auto& v) { return static_cast<int64_t>(v.capacity() * sizeof(v[0])); };
     const int64_t kept = copies_size * static_cast<int64_t>(sizeof(V)) + copy_rows_size * static_cast<int64_t>(sizeof(R)) +
                          bytes(values) + bytes(kept_ids) + bytes(rows) + bytes(found) + bytes(lane_values) +
-                         bytes(slot_values) + bytes(slot_rows);
+                         bytes(slot_values) + bytes(slot_rows) + bytes(sort_keys) + bytes(sort_rows);
     if (kept > kKeptBytes) *this = LaneLists{};
   }
   // One end's network empty: the top levels - per_end +inf (they pass x through), the rest -inf.
@@ -155,13 +157,25 @@ struct LaneLists {
   // ends' k largest values: a bound b on the k-th largest |x - mean| leaves the values with
   // |x - mean| at or above b, ranked by pick_from_copies. Only where the rows of every copy
   // since the last flush are the whole channel, before that flush, and the network keeps a
-  // bound (select_rows).
-  void cover_deviations(const double* sums, int64_t channels, int64_t count) {
-    if (!dense || levels <= 1 || levels > kMaxLevels || count <= 0) return;
+  // bound (select_rows); past kMaxLevels, for one chunk (`one_chunk`), the copies are sorted
+  // instead (sort_picks) where that pays.
+  void cover_deviations(const double* sums, int64_t channels, int64_t count, bool one_chunk) {
+    if (!dense || levels <= 1 || count <= 0) return;
+    if (levels > kMaxLevels && !(one_chunk && sorting_pays(count, per_end))) return;
     exact_means.assign(static_cast<size_t>(groups * W), 0.0);
     for (int64_t c = 0; c < channels; ++c) exact_means[c] = sums[c] / static_cast<double>(count);  // core::channel_mean
   }
   bool by_deviation() const { return !exact_means.empty(); }
+  // Sorting a lane's m copies (sort_picks: n log2(n) (log2(n) + 1) / 4 compare-exchanges, n = m
+  // rounded up to a power of two) against the in-memory network over every copy and
+  // find_rows_exact, whose cost grows with k: about even at k = 3/4 log2(n) (log2(n) + 1)
+  // (1 thread, forward: m = 512 even at k = 65, m = 1024 near k = 110; m = 128, k = 65: 0.24
+  // against 1.66 ms).
+  static bool sorting_pays(int64_t rows, int64_t k) {
+    int64_t log = 0;
+    while ((int64_t{1} << log) < rows) ++log;
+    return 4 * k >= 3 * log * (log + 1);
+  }
   // The means of `group` in the accumulation type.
   V lane_means(int64_t group) const {
     V mean;
@@ -341,6 +355,8 @@ struct LaneLists {
     with_levels([&](auto k) {
       if constexpr (decltype(k)::value > 0) {
         select_rows<decltype(k)::value>(tail, picks);
+      } else if (by_deviation() && picks != nullptr) {
+        sort_picks(tail, picks);
       } else {
         find_rows_exact(tail);
       }
@@ -513,6 +529,108 @@ struct LaneLists {
     }
   }
 
+  // Whether two different values may have one |x - mean| in double, D lanes at a time, from
+  // the largest rounding of a key and the smallest gap between two values in A (see
+  // pick_from_copies): where they may, a key order by row is not core's order.
+  struct KeyCollisions {
+    VD rounding = splat<VD>(std::numeric_limits<double>::denorm_min());
+    VD gap = splat<VD>(std::numeric_limits<double>::infinity());
+    LPNORM_INLINE void add(VD value, VD key, VI64 filled) {
+      constexpr double kRounding = std::numeric_limits<double>::epsilon();
+      constexpr double kGap = std::numeric_limits<A>::epsilon() / 2;
+      const VD least_gap = splat<VD>(static_cast<double>(std::numeric_limits<A>::denorm_min()));
+      const VD none = splat<VD>(std::numeric_limits<double>::infinity());
+      const VD slot_rounding = key * kRounding;
+      VD slot_gap = vabs(value) * kGap;
+      slot_gap = slot_gap > least_gap ? slot_gap : least_gap;
+      slot_gap = value != 0 & filled ? slot_gap : none;  // zero: the other value's gap
+      rounding = slot_rounding > rounding & filled ? slot_rounding : rounding;
+      gap = slot_gap < gap ? slot_gap : gap;
+    }
+    VI64 possible() const { return ~(rounding < gap); }
+  };
+
+  // Sorts entries [0, n) of each lane (n a power of two) into core's pick order: |x - mean|
+  // descending, equal ones by row (rows distinct). A bitonic network: branch-free and the
+  // same for every lane, n log2(n) (log2(n) + 1) / 4 compare-exchanges.
+  static void sort_in_pick_order(VD* key, VI64* row, int64_t n) {
+    for (int64_t size = 2; size <= n; size *= 2) {
+      for (int64_t half = size / 2; half > 0; half /= 2) {
+        for (int64_t i = 0; i < n; i += 2 * half) {
+          const bool reversed = (i & size) != 0;  // blocks alternate, so each `size` block merges sorted
+          for (int64_t a = i; a < i + half; ++a) {
+            const int64_t b = a + half;
+            const VD ka = key[a], kb = key[b];
+            const VI64 ra = row[a], rb = row[b];
+            const VI64 b_first = kb > ka | (kb == ka & rb < ra);
+            const VI64 swap = reversed ? ~b_first : b_first;
+            key[a] = swap ? kb : ka;
+            key[b] = swap ? ka : kb;
+            row[a] = swap ? rb : ra;
+            row[b] = swap ? ra : rb;
+          }
+        }
+      }
+    }
+  }
+
+  // Where k > kMaxLevels and the copies hold every row of whole channels (cover_deviations):
+  // group gi's picks by sorting each lane's copies, D lanes at a time (sort_in_pick_order),
+  // without a network. Its bound would be exact only over every copy: the in-memory network
+  // and the placement of each hit (find_rows_exact) cost O(m k) a lane, and (256, 1024) with
+  // k = 128 took 8 ms at 1 thread, 50x k = 10. Lanes with NaN or inf, or whose keys may
+  // collide (KeyCollisions), get both ends' exact lists for core's pick, as in
+  // pick_from_copies.
+  void sort_picks(int tail, core::Deviation* picks) {
+    constexpr int D = Simd<double>::W;
+    typedef A Lanes __attribute__((vector_size(D * sizeof(A))));  // D lanes, widened to double
+    prepare_selection();
+    const int64_t P = per_end;
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const uint32_t lanes = bitmask(gi + 1 < groups ? ~M{} : lanes_below<A>(tail));
+      const int64_t count = copied[gi];
+      int64_t n = 1;
+      while (n < count) n *= 2;
+      sort_keys.resize(static_cast<size_t>(n));
+      sort_rows.resize(static_cast<size_t>(n));
+      const A* x = reinterpret_cast<const A*>(copies.get() + gi * stride);  // lane of copy e at e * W + lane
+      for (int h = 0; h * D < W; ++h) {
+        VD lane_mean;
+        std::memcpy(&lane_mean, exact_means.data() + gi * W + h * D, sizeof lane_mean);
+        KeyCollisions collisions;
+        VI64 finite = ~VI64{};
+        for (int64_t e = 0; e < count; ++e) {
+          Lanes narrow;
+          std::memcpy(&narrow, x + e * W + h * D, sizeof narrow);
+          const VD value = __builtin_convertvector(narrow, VD);
+          const VD key = vabs(value - lane_mean);
+          sort_keys[e] = key;
+          sort_rows[e] = splat<VI64>(e);  // the copies are the rows in order (dense)
+          collisions.add(value, key, ~VI64{});
+          finite &= key < std::numeric_limits<double>::infinity();  // NaN not
+        }
+        for (int64_t e = count; e < n; ++e) {  // after every key, in row order
+          sort_keys[e] = splat<VD>(-1.0);
+          sort_rows[e] = splat<VI64>(kMaxSpan + e);
+        }
+        sort_in_pick_order(sort_keys.data(), sort_rows.data(), n);
+        const uint32_t ok = (lanes >> (h * D)) & bitmask(finite & ~collisions.possible()) & ((1u << D) - 1);
+        for (uint32_t bits = ok; bits != 0; bits &= bits - 1) {
+          const int l = __builtin_ctz(bits);
+          core::Deviation* out = picks + (gi * W + h * D + l) * P;
+          for (int64_t j = 0; j < P; ++j) {
+            const int64_t e = sort_rows[j][l];
+            out[j] = {static_cast<double>(x[e * W + h * D + l]), base + row_of(gi, e), sort_keys[j][l]};
+          }
+        }
+        picked_lanes[gi] |= ok << (h * D);
+      }
+      for (uint32_t bits = lanes & ~picked_lanes[gi]; bits != 0; bits &= bits - 1) {
+        for (int end = 0; end < 2; ++end) select_lane_exact(gi, end, __builtin_ctz(bits), kLowest);
+      }
+    }
+  }
+
   // Where the lists need only the k largest |x - mean| of whole channels (cover_deviations):
   // group gi's picks straight from its copies, all lanes at once. The copies at or above the
   // network's bound b on |x - mean|, less a margin far above the rounding of |x - mean| in A
@@ -588,21 +706,9 @@ struct LaneLists {
       // two different values in A are at least the smaller nonzero one's |x| * epsilon / 2 (or
       // A's least subnormal) apart. A lane whose largest such ulp is below its smallest such
       // gap has no such pair. (Comparing every pair's d and value was a third of the ranking.)
-      constexpr double kRounding = std::numeric_limits<double>::epsilon();
-      constexpr double kGap = std::numeric_limits<A>::epsilon() / 2;
-      const VD least_rounding = splat<VD>(std::numeric_limits<double>::denorm_min());
-      const VD least_gap = splat<VD>(static_cast<double>(std::numeric_limits<A>::denorm_min()));
-      const VD none = splat<VD>(std::numeric_limits<double>::infinity());
-      VD rounding = least_rounding, gap = none;
-      for (int s = 0; s < most; ++s) {
-        const VD slot_rounding = key[s] * kRounding;
-        VD slot_gap = vabs(value[s]) * kGap;
-        slot_gap = slot_gap > least_gap ? slot_gap : least_gap;
-        slot_gap = value[s] != 0 & filled[s] ? slot_gap : none;  // zero: the other value's gap
-        rounding = slot_rounding > rounding & filled[s] ? slot_rounding : rounding;
-        gap = slot_gap < gap ? slot_gap : gap;
-      }
-      const VI64 collapsed = ~(rounding < gap);
+      KeyCollisions collisions;
+      for (int s = 0; s < most; ++s) collisions.add(value[s], key[s], filled[s]);
+      const VI64 collapsed = collisions.possible();
       // Straight into picks, lane by lane: a staging copy read back whole waited on its
       // scalar stores.
       const uint32_t ok = (pickable >> (h * D)) & ~bitmask(collapsed) & ((1u << D) - 1);
