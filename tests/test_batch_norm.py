@@ -419,6 +419,23 @@ def test_non_finite_input_stays_in_its_channel(norm_kwargs, bad, device):
     assert_close(running_var[good], ref_var, what="running_var, other channels")
 
 
+@pytest.mark.parametrize("row", [0, 7], ids=["first-element", "last-element"])
+@pytest.mark.parametrize("bad", [math.inf, -math.inf], ids=["inf", "-inf"])
+@devices_param()
+def test_l2_running_mean_of_an_infinite_channel_is_torchs(row, bad, device):
+    """norm='l2' is torch's batch norm: a channel holding one infinity has an infinite mean,
+    running_mean included, wherever the infinity lies (its one-pass sums shift by a pivot taken
+    from the first elements, which must not make the mean inf - inf)."""
+    x = batch((8, 3, 5), torch.float32)
+    x[row, 1, 0] = bad
+    ours = (torch.zeros(3, device=device), torch.ones(3, device=device))
+    theirs = (torch.zeros(3), torch.ones(3))
+    lpnorm.functional.batch_norm(x.to(device), *ours, training=True, norm="l2")
+    F.batch_norm(x, *theirs, training=True)
+    assert ours[0][1].item() == theirs[0][1].item() == bad / 10  # momentum 0.1 of +-inf
+    torch.testing.assert_close(ours[0].cpu(), theirs[0], equal_nan=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # No channels at all: an empty result, not a crash (the per-channel count is N * prod(spatial),
 # which must not be computed as numel / C)

@@ -250,3 +250,45 @@ def test_scripted_module_3d(norm_kwargs):
     eager.eval()
     scripted.eval()
     torch.testing.assert_close(scripted(x), eager(x))
+
+
+@pytest.mark.parametrize("norm_kwargs", [dict(norm="linf", chunks=4), dict(norm="topk", k=2, chunks=4),
+                                         dict(norm="range", chunks=2)], ids=["linf", "topk", "range"])
+def test_eval_takes_any_batch_after_ghost_batch_training(norm_kwargs):
+    """Ghost batches split the training batch only: a trained layer evaluates a batch of one or
+    a last partial batch as torch's BatchNorm2d with the same buffers does."""
+    ours = lpnorm.nn.LpBatchNorm2d(3, **norm_kwargs)
+    ours(torch.randn(8, 3, 4, 4))
+    ours.eval()
+    theirs = nn.BatchNorm2d(3).eval()
+    theirs.load_state_dict(ours.state_dict())
+    for n in (1, 3):
+        x = torch.randn(n, 3, 2, 2)
+        torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_fx_symbolic_trace_keeps_layers_leaves():
+    """torch's BatchNorm*d are leaves of torch.fx.symbolic_trace; lpnorm.fx's tracer keeps ours
+    leaves too (the graph calls the module, which counts batches and updates its running
+    statistics when the graph runs), and a plain trace through one is refused with a message
+    saying so, not a TraceError from inside it."""
+    import torch.fx
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), lpnorm.nn.LpBatchNorm2d(4, momentum=None), nn.ReLU(),
+                             nn.Flatten(), lpnorm.nn.LpBatchNorm1d(64, norm="topk", k=2))
+
+    with pytest.raises(RuntimeError, match="lpnorm.fx.symbolic_trace"):
+        torch.fx.symbolic_trace(model())
+    traced, eager = lpnorm.fx.symbolic_trace(model()), model()
+    assert [n.op for n in traced.graph.nodes].count("call_module") == 5
+    x = torch.randn(6, 3, 6, 6)
+    for _ in range(2):
+        torch.testing.assert_close(traced(x), eager(x))
+    for name in ("1", "4"):
+        assert traced.get_submodule(name).num_batches_tracked.item() == 2
+        torch.testing.assert_close(traced.get_submodule(name).running_var, eager.get_submodule(name).running_var)
+    traced.eval()
+    eager.eval()
+    torch.testing.assert_close(traced(x), eager(x))

@@ -48,6 +48,10 @@ REFUSED = {  # name: (arguments changed from the valid call, exception, what the
     "chunks for l2": (dict(norm="l2", chunks=2), ValueError, "chunks"),
     "chunks for p": (dict(norm="p", p=3.0, chunks=2), ValueError, "chunks"),
     "unknown constant": (dict(norm="linf", constant="exactly"), ValueError, "constant"),
+    # eps, as torch's batch_norm
+    "eps = 0 in training": (dict(eps=0.0), ValueError, "eps must be positive during training"),
+    "eps < 0 in training": (dict(eps=-1e-5, norm="topk", k=3), ValueError, "eps must be positive"),
+    "eps < 0 in eval": (dict(eps=-1e-5, training=False), ValueError, "eps must be non-negative"),
     # devices
     "weight on another device": (dict(weight=torch.ones(3, device="meta")), ValueError, "weight"),
     "bias on another device": (dict(bias=torch.zeros(3, device="meta")), ValueError, "bias"),
@@ -108,6 +112,11 @@ def test_accepted_boundaries():
     call(x, norm="p", p=1.0)
     call(torch.randn(1, 3), training=False)  # one value per channel is fine in eval (torch)
     call(torch.randn(2, 3), training=True)
+    call(x, eps=0.0, training=False)  # eps = 0 is fine in eval (torch)
+    # evaluation splits no batch: ghost batches of a trained model meet any batch size
+    for norm in ("linf", "topk", "range"):
+        call(torch.randn(3, 3, 5), norm=norm, chunks=2, k=2, training=False)
+        call(torch.randn(1, 3, 1, 1), norm=norm, chunks=4, k=2, training=False)
 
 
 @pytest.mark.parametrize("norm", ["l2", "l1", "linf", "range", "p"])

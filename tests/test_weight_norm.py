@@ -82,6 +82,20 @@ def test_dim_is_torch_weight_norm_dim():
         with torch.no_grad():
             theirs.parametrizations.weight.original0.fill_(1.0)  # g = 1
         torch.testing.assert_close(ours.weight, theirs.weight, msg=lambda m: f"dim={dim}: {m}")
+    # a 1-d parameter along dim 0: a norm per element, as torch (not one over the vector)
+    ours, theirs = nn.Linear(4, 3), nn.Linear(4, 3)
+    theirs.load_state_dict(ours.state_dict())
+    bounded_weight_norm(ours, name="bias", p=2, dim=0, rho=1.0)
+    torch.nn.utils.parametrizations.weight_norm(theirs, name="bias", dim=0)
+    with torch.no_grad():
+        theirs.parametrizations.bias.original0.fill_(1.0)
+    torch.testing.assert_close(ours.bias, theirs.bias)
+    # a dim outside the tensor's: IndexError, as torch's weight_norm
+    for dim in [2, 3, -3]:
+        with pytest.raises(IndexError, match=f"dim={dim} is out of range"):
+            bounded_weight_norm(nn.Linear(4, 3), dim=dim)
+        with pytest.raises(IndexError):
+            torch.nn.utils.parametrizations.weight_norm(nn.Linear(4, 3), dim=dim)
 
 
 @pytest.mark.parametrize("p", P, ids=str)

@@ -81,9 +81,11 @@ void collect_stats(const StatsArgs& a, const Tile* tiles, int64_t count) {
         }
       }
       // The mean of those (first >= 1: the tile has rows), then its copies for the other
-      // parts: loops of their own, which vectorize.
+      // parts: loops of their own, which vectorize. A pivot of inf would make every x - p NaN
+      // and the mean NaN where torch's is inf: 0 instead (no shift) where it is not finite.
       for (int64_t c = t.c_begin; c < t.c_end; ++c) {
-        a.pivot[c] = static_cast<double>(static_cast<AccOf<T>>(a.pivot[c] / static_cast<double>(first)));
+        const double p = static_cast<double>(static_cast<AccOf<T>>(a.pivot[c] / static_cast<double>(first)));
+        a.pivot[c] = std::isfinite(p) ? p : 0.0;
       }
       for (int64_t j = 1; j < count; ++j) {
         std::copy(a.pivot + t.c_begin, a.pivot + t.c_end, a.pivot + j * C + t.c_begin);

@@ -103,8 +103,8 @@ core::NormSpec parse_norm_spec(c10::string_view norm, int64_t k, double p, int64
 
 core::NormSpec check_forward(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                              const OptionalTensor& running_mean, const OptionalTensor& running_var,
-                             bool training, c10::string_view norm, int64_t k, double p, int64_t chunks,
-                             c10::string_view constant) {
+                             bool training, double eps, c10::string_view norm, int64_t k, double p,
+                             int64_t chunks, c10::string_view constant) {
   TORCH_CHECK_VALUE(input.dim() >= 2, "lpnorm.batch_norm: input must have at least 2 dimensions ",
                     "(N, C, ...), got shape ", input.sizes());
   TORCH_CHECK_TYPE(input.is_floating_point() && supported_dtype(input.scalar_type()),
@@ -118,6 +118,9 @@ core::NormSpec check_forward(const Tensor& input, const OptionalTensor& weight, 
                     "running_var must be given together");
   TORCH_CHECK_VALUE(training || defined(running_mean), "lpnorm.batch_norm: running_mean and running_var ",
                     "must be defined when training=False (evaluation uses running statistics)");
+  // As torch's batch_norm (NaN passes both, as there).
+  TORCH_CHECK_VALUE(!(training && eps <= 0), "lpnorm.batch_norm: eps must be positive during training, got ", eps);
+  TORCH_CHECK_VALUE(!(eps < 0), "lpnorm.batch_norm: eps must be non-negative, got ", eps);
   // m = N * prod(spatial), from the sizes: numel / C would divide by zero when C == 0.
   int64_t count = input.size(0);
   for (int64_t d = 2; d < input.dim(); ++d) count *= input.size(d);
@@ -125,7 +128,9 @@ core::NormSpec check_forward(const Tensor& input, const OptionalTensor& weight, 
     TORCH_CHECK_VALUE(count != 1, "Expected more than 1 value per channel when training, got input size ",
                       input.sizes());
   }
-  return parse_norm_spec(norm, k, p, chunks, constant, input.size(0), training ? count : 0);
+  // Evaluation splits no batch: any N goes with any chunks, as a model trained with ghost
+  // batches meets a last partial batch or a batch of one.
+  return parse_norm_spec(norm, k, p, chunks, constant, training ? input.size(0) : 0, training ? count : 0);
 }
 
 void check_backward(const Tensor& grad_output, const Tensor& input, const OptionalTensor& weight,

@@ -19,15 +19,16 @@ using OptionalTensor = std::optional<Tensor>;
 using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using BackwardResult = std::tuple<Tensor, Tensor, Tensor>;
 
-// Parses and checks the norm options; `count` is m (0 skips the checks that need data).
+// Parses and checks the norm options; `batch` is N and `count` is m where batch statistics split
+// them (0 skips the checks that need data).
 core::NormSpec parse_norm_spec(c10::string_view norm, int64_t k, double p, int64_t chunks,
                                c10::string_view constant, int64_t batch, int64_t count);
 
-// Every refusal of SPEC §5 for a forward call, raised before any kernel runs.
+// Every refusal of SPEC §5 for a forward call (and torch's of eps), raised before any kernel runs.
 core::NormSpec check_forward(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                              const OptionalTensor& running_mean, const OptionalTensor& running_var,
-                             bool training, c10::string_view norm, int64_t k, double p, int64_t chunks,
-                             c10::string_view constant);
+                             bool training, double eps, c10::string_view norm, int64_t k, double p,
+                             int64_t chunks, c10::string_view constant);
 
 // SPEC §4's accumulator option: "float" or "half" (anything else is refused). True when a
 // half-precision input is to accumulate in its own type; "half" changes nothing for float32

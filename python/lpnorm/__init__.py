@@ -16,7 +16,7 @@ _library.load()
 cmake_prefix_path = _library.CMAKE_PREFIX_PATH
 
 from . import _fake  # noqa: E402  (registers fake kernels for the loaded operators)
-from . import functional, nn  # noqa: E402
+from . import functional, fx, nn  # noqa: E402
 from .convert import convert, to_torch  # noqa: E402
 from ._C import build_info  # noqa: E402
 
@@ -24,4 +24,4 @@ from ._C import build_info  # noqa: E402
 # "2.13.0+cpu"; build_info()["version"] is the C++ library's ("0.1.0").
 __version__ = _library.build_file()["version"]
 
-__all__ = ["functional", "nn", "convert", "to_torch", "build_info", "__version__"]
+__all__ = ["functional", "fx", "nn", "convert", "to_torch", "build_info", "__version__"]

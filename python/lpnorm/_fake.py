@@ -17,6 +17,14 @@ def _check_accumulate(accumulate):
         raise ValueError(f"lpnorm.batch_norm: accumulate must be 'float' or 'half'; got '{accumulate}'")
 
 
+def _check_eps(training, eps):
+    """torch's batch_norm refusals of eps, which the real kernels raise too."""
+    if training and eps <= 0:
+        raise ValueError(f"lpnorm.batch_norm: eps must be positive during training, got {eps}")
+    if eps < 0:
+        raise ValueError(f"lpnorm.batch_norm: eps must be non-negative, got {eps}")
+
+
 def _check_devices(input, **tensors):
     """A tensor on the meta device routes the call here instead of to a real kernel, whose
     checks would refuse mixed devices: refuse them here too (SPEC §5)."""
@@ -29,6 +37,7 @@ def _check_devices(input, **tensors):
 def _batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps,
                         norm, k, p, chunks, constant, accumulate="float"):
     _check_accumulate(accumulate)
+    _check_eps(training, eps)
     _check_devices(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     channels = input.shape[1]
     per_chunk = _SPARSE_PER_CHUNK.get(norm, lambda k: 0)(k)
@@ -62,6 +71,7 @@ def _batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, sav
 def _batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, norm, k, p,
                 chunks, constant, accumulate="float"):
     _check_accumulate(accumulate)
+    _check_eps(training, eps)
     _check_devices(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     return torch.empty_like(input)
 

@@ -291,7 +291,8 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
                                      double p, int64_t chunks, c10::string_view constant,
                                      c10::string_view accumulate) {
   const core::NormSpec spec =
-      check_forward(input, weight, bias, running_mean, running_var, training, norm, k, p, chunks, constant);
+      check_forward(input, weight, bias, running_mean, running_var, training, eps, norm, k, p, chunks,
+                    constant);
   const bool in_half = half_accumulation(accumulate, input);
   const auto [x, layout] = channel_view(input);
   const int64_t channels = layout.C;

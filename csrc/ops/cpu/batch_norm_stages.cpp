@@ -166,6 +166,7 @@ FinalizeResult finalize_cpu(int64_t count, const Tensor& sum, const Tensor& devi
   TORCH_CHECK_VALUE(count >= 0, "lpnorm.", op, ": count must be >= 0, got ", count);
   TORCH_CHECK_VALUE(count != 1, "Expected more than 1 value per channel when training, got ", count,
                     " value per channel over the process group");
+  TORCH_CHECK_VALUE(!(eps <= 0), "lpnorm.", op, ": eps must be positive during training, got ", eps);
   const core::NormSpec spec = stage_spec(norm, k, p, constant, count);
   TORCH_CHECK_VALUE(sum.dim() == 1, "lpnorm.", op, ": sum must have shape [C], got ", sum.sizes());
   const int64_t channels = sum.size(0);

@@ -61,7 +61,8 @@ ForwardResult batch_norm_forward_cuda(const Tensor& input, const OptionalTensor&
                                       double p, int64_t chunks, c10::string_view constant,
                                       c10::string_view accumulate) {
   const core::NormSpec spec =
-      check_forward(input, weight, bias, running_mean, running_var, training, norm, k, p, chunks, constant);
+      check_forward(input, weight, bias, running_mean, running_var, training, eps, norm, k, p, chunks,
+                    constant);
   refuse_half_accumulation(accumulate, input);
   c10::cuda::CUDAGuard guard(input.device());
   const auto [x, layout] = channel_view(input);

@@ -18,6 +18,22 @@ CHUNKED_NORMS = ("linf", "topk", "range")
 ACCUMULATORS = ("float", "half")
 
 
+_fx_trace = getattr(torch.fx, "_symbolic_trace", None)
+_is_fx_symbolic_tracing = (getattr(_fx_trace, "is_fx_symbolic_tracing", None) or getattr(_fx_trace, "is_fx_tracing", None)
+                           or (lambda: False))
+
+
+@torch.jit.unused
+def refuse_fx_symbolic_trace(module: torch.nn.Module) -> None:
+    """torch's BatchNorm*d are leaves of torch.fx.symbolic_trace; traced through, an lpnorm layer
+    would increment num_batches_tracked once, at trace time, and never in the graph (and its
+    input checks meet a Proxy): refused, pointing at lpnorm.fx, whose tracer keeps it a leaf."""
+    if _is_fx_symbolic_tracing():
+        raise RuntimeError(
+            f"{type(module).__name__} is a leaf of a symbolic trace, as torch's BatchNorm*d: trace with "
+            f"lpnorm.fx.symbolic_trace(model), or give your tracer leaf_modules=lpnorm.fx.LEAF_MODULES")
+
+
 def check_norm_options(norm: str, k: int, p: float, chunks: int, constant: str, accumulate: str = "float") -> None:
     """Refuses bad options when a module is built, not at its first forward."""
     if norm not in NORMS:
@@ -100,6 +116,8 @@ class _LpBatchNorm(_NormBase):
         return factor
 
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            refuse_fx_symbolic_trace(self)
         self._check_input_dim(input)
         factor = self._running_factor()
         # Batch statistics in training, and in evaluation when there are no running ones.

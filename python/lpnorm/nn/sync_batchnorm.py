@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import functional
-from .batchnorm import _LpBatchNorm
+from .batchnorm import _LpBatchNorm, refuse_fx_symbolic_trace
 
 _EXTREME_NORMS = ("linf", "topk", "range")
 _DENSE_NORMS = ("l2", "l1", "p")
@@ -172,6 +172,7 @@ class SyncLpBatchNorm(_LpBatchNorm):
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, input: Tensor) -> Tensor:
+        refuse_fx_symbolic_trace(self)
         self._check_input_dim(input)
         factor = self._running_factor()
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)

@@ -42,6 +42,8 @@ class BoundedWeightNorm(nn.Module):
             return torch.linalg.vector_norm(v, ord=self.p)
         dim = self.dim % v.dim()
         others = [d for d in range(v.dim()) if d != dim]
+        if not others:  # a 1-d tensor: each element is a slice (vector_norm would take dim=[] as all)
+            return v.abs()
         return torch.linalg.vector_norm(v, ord=self.p, dim=others, keepdim=True)
 
     def forward(self, v: Tensor) -> Tensor:
@@ -79,6 +81,9 @@ def bounded_weight_norm(module: nn.Module, name: str = "weight", p: Union[int, f
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
         raise ValueError(f"bounded_weight_norm: module has no tensor '{name}'")
+    if dim is not None and dim != -1 and not -weight.dim() <= dim < weight.dim():
+        raise IndexError(f"bounded_weight_norm: dim={dim} is out of range for '{name}' of {weight.dim()} "
+                         f"dimensions (expected [{-weight.dim()}, {weight.dim() - 1}], or None / -1 for the whole tensor)")
     parametrization = BoundedWeightNorm(p, dim, like=weight)
     if rho is None:
         with torch.no_grad():
