@@ -256,7 +256,11 @@ void apply_grad(const GradApplyArgs& a, const Tile& t) {
                 at_channel + (l.S == 1 ? flat * l.stride_n : flat / l.S * l.stride_n + flat % l.S * l.stride_s);
             const double d = static_cast<double>(core::Element<T>::load(x[offset])) - mean;
             const double gv = static_cast<double>(core::Element<T>::load(g[offset]));
-            const double dense = k.scale_g * gv + k.scale_phi * core::phi(phi.value, d, a.power) + k.offset;
+            // As the dense pass (GradApplyOp): no phi term without a phi (the norms with sparse
+            // terms), where scale_phi is dsigma * 0, NaN if dsigma is not finite.
+            double phi_term = 0.0;
+            if constexpr (phi.value != PhiKind::None) phi_term = k.scale_phi * core::phi(phi.value, d, a.power);
+            const double dense = k.scale_g * gv + phi_term + k.offset;
             using acc = typename core::Element<T>::acc;
             out[offset] = core::Element<T>::store(static_cast<acc>(dense + k.sparse_scale * sparse));
           }

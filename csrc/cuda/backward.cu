@@ -54,8 +54,8 @@ struct ChannelGrad {
   double mean, invstd, sum_g, sum_gd;
 };
 
-// What grad_channels needs to build a channel's coefficients, and where apply_grad and
-// finish_grad find them.
+// What grad_channels needs to build a channel's coefficients, and where it writes them
+// (`channel`, which apply_grad and finish_grad read).
 struct GradSetup {
   BackwardArgs b;
   Geometry geo;          // of reduce_grad (its partials)
@@ -118,8 +118,8 @@ struct GradApplyOp {
     return l;
   }
   __device__ __forceinline__ A compute(const Ctx& ctx, const Loaded& l, int i) const {
-    // No phi term at all without one (linf, topk, range): scale_phi may be inf or NaN there,
-    // and inf * 0 would make the gradient NaN (the CPU's GradApplyOp drops it too).
+    // No phi term at all without one (linf, topk, range): there scale_phi is dsigma * 0, NaN
+    // where dsigma is not finite (the CPU's GradApplyOp drops it too).
     if constexpr (PHI == core::PhiKind::None) return ctx.scale_g * l.g[i] + ctx.offset;
     return ctx.scale_g * l.g[i] + ctx.scale_phi * phi_of<PHI>(l.x[i] - ctx.mean, power) + ctx.offset;
   }
@@ -159,7 +159,9 @@ __global__ void finish_grad_kernel(GradSetup s) {
     const int64_t offset = l.offset(index[i] / l.S, c, index[i] % l.S);
     const double g = Num<T>::load(grad[offset]);
     const double d = static_cast<double>(Num<T>::load(x[offset])) - r.mean;
-    const double dense = r.coef.scale_g * g + r.coef.scale_phi * core::phi(b.phi, d, b.power) + r.coef.offset;
+    // (The norms with sparse terms have no phi: as apply_grad, no phi term.)
+    const double phi_term = b.phi == core::PhiKind::None ? 0.0 : r.coef.scale_phi * core::phi(b.phi, d, b.power);
+    const double dense = r.coef.scale_g * g + phi_term + r.coef.offset;
     grad_x[offset] = Num<T>::store(static_cast<typename Num<T>::acc>(dense + r.coef.sparse_scale * sparse));
   }
 }
