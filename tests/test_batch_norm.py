@@ -407,6 +407,8 @@ def test_non_finite_input_stays_in_its_channel(norm_kwargs, bad, device):
     grad_output = torch.randn(y.shape)
     y.backward(grad_output.to(device))
     assert y[:, 1].isnan().all(), "the bad channel's output must be NaN"
+    if math.isnan(bad):  # and its statistics: never the scale of its other values (range's max - min was)
+        assert running_var[1].isnan() and running_mean[1].isnan(), "the NaN channel's running statistics"
 
     ry, gx, gw, gb = reference.forward_backward(x[:, good].cpu(), ref_mean, ref_var,
                                                 weight[good], bias[good], grad_output[:, good],

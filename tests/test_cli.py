@@ -42,6 +42,34 @@ def test_bench_quick_table_and_json(tmp_path, capsys):
     assert "geometric mean" in out
 
 
+@pytest.mark.parametrize("argv,says", [
+    (["bench", "--shapes", "8x4"], "needs at least 10"),
+    (["bench", "--shapes", "8"], "expected a shape"),
+    (["bench", "--shapes", "64xabc"], "expected a shape"),
+    (["bench", "--min-run-time", "-1"], "expected a finite number > 0"),
+    (["bench", "--threads", "0"], "expected a whole number >= 1"),
+    (["bench", "--shapes", "64x8", "--json", "/nonexistent-folder/x.json"], "does not exist or is not writable"),
+    (["half", "--train", "--epochs", "0"], "expected a whole number >= 1"),
+    (["half", "--channels", "0"], "expected a whole number >= 1"),
+    (["half", "--train", "--scales", "0"], "expected a finite number > 0"),
+    (["half", "--max-m", "1"], "smallest m is 100"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_arguments_are_usage_errors_before_any_run(argv, says, capsys):
+    """A bad value is an argparse error (exit status 2, the message on stderr) before anything
+    runs, not a traceback after minutes of benchmark, nor a silent default (--epochs 0)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no GPU")
+def test_bench_refuses_cuda_without_it(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--devices", "cuda", "--shapes", "64x8"])
+    assert "--devices cuda" in capsys.readouterr().err
+
+
 def test_bench_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     path = tmp_path / "bench.png"

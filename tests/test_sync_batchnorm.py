@@ -178,9 +178,10 @@ def test_single_process_falls_back_to_the_local_batch_norm():
     assert lpnorm.nn.SyncLpBatchNorm(3)(torch.randn(5, 3)).shape == (5, 3)
 
 
-def test_synchronized_statistics_of_non_cpu_tensors_are_refused(monkeypatch):
-    # The stage operators have CPU kernels only: a GPU input in a process group of two gets a
-    # clear error before any communication (here a meta tensor in a pretended group of two).
+def test_synchronized_calls_are_refused_before_any_communication(monkeypatch):
+    # In a (pretended) process group of two, refused calls raise before any collective, on
+    # every process alike: a GPU input (the stage operators have CPU kernels only; a meta
+    # tensor here) and the arguments LpBatchNorm2d refuses.
     import pytest
     import torch.distributed as dist
 
@@ -193,6 +194,14 @@ def test_synchronized_statistics_of_non_cpu_tensors_are_refused(monkeypatch):
     layer = lpnorm.nn.SyncLpBatchNorm(3)
     with pytest.raises(NotImplementedError, match="CPU tensors.*got input on meta"):
         layer(torch.empty(4, 3, 2, 2, device="meta"))
+    # so are arguments LpBatchNorm2d refuses, with its messages, before any communication
+    with pytest.raises(ValueError, match="weight must have one value per channel"):
+        layer(torch.randn(4, 5, 2, 2))
+    with pytest.raises(TypeError, match="weight has dtype Half"):
+        lpnorm.nn.SyncLpBatchNorm(3, dtype=torch.float16)(torch.randn(4, 3, 2, 2))
+    with pytest.raises(ValueError, match="eps must be positive"):
+        lpnorm.nn.SyncLpBatchNorm(3, eps=0.0)(torch.randn(4, 3, 2, 2))
+    assert torch.equal(layer.running_mean, torch.zeros(3)) and torch.equal(layer.running_var, torch.ones(3))
     # the same layer in evaluation normalizes locally: no synchronization, nothing refused
     layer.eval()
     assert layer(torch.randn(4, 3, 2, 2)).shape == (4, 3, 2, 2)

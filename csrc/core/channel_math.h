@@ -256,8 +256,10 @@ LPNORM_HOST_DEVICE double chunk_extremes(const NormSpec& spec, const Candidate* 
   const int64_t per_end = spec.extremes_per_end();
   const int64_t per_chunk = spec.sparse_per_chunk();
   if (spec.kind == NormKind::Range) {
-    // max - min needs no mean; a channel of NaNs has no candidates and gives NaN.
-    const bool found = largest[0].index != kNoIndex && smallest[0].index != kNoIndex;
+    // max - min needs no mean, but NaN never enters the lists: a channel with a NaN (whose mean
+    // is NaN) gives NaN, as every other norm, not the range of its other values (SPEC §5); a
+    // channel of NaNs has no candidates.
+    const bool found = largest[0].index != kNoIndex && smallest[0].index != kNoIndex && mean == mean;
     index[0] = found ? largest[0].index : 0;
     index[1] = found ? smallest[0].index : 0;
     const double c0 = found ? unit : nan, c1 = found ? -unit : nan;

@@ -55,7 +55,7 @@ def add_evidence_commands(commands) -> None:
     ):
         sub = commands.add_parser(name, help=text, description=text)
         importlib.import_module(f"lpnorm.{module}").add_arguments(sub)
-        sub.set_defaults(run=lazy(module))
+        sub.set_defaults(run=lazy(module), parser=sub)  # parser: for errors found before the run
 
 
 def main(argv=None) -> int:

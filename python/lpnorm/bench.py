@@ -22,6 +22,8 @@ from torch.utils import benchmark
 
 import lpnorm
 
+from . import _cli_args as cli
+
 BASELINE = "torch bn"
 
 # name -> lpnorm keyword arguments (None: not an lpnorm kernel)
@@ -305,18 +307,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=None, metavar="IMPL",
                         help="implementations besides torch bn: " + ", ".join(repr(n) for n in IMPLEMENTATIONS if n != BASELINE))
     parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
-    parser.add_argument("--shapes", nargs="+", default=None, metavar="NxCxHxW",
+    parser.add_argument("--shapes", nargs="+", type=cli.shape, default=None, metavar="NxCxHxW",
                         help="input shapes, e.g. 64x64x28x28 512x1024 (default: three layer shapes)")
     parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"], default=None,
                         help="default: cpu, and cuda when available and lpnorm was built with it")
-    parser.add_argument("--min-run-time", type=float, default=None,
+    parser.add_argument("--min-run-time", type=cli.positive_float, default=None,
                         help="seconds of timing per measurement (default 0.3; --quick 0.05)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", metavar="FILE", help="write the measurements as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="bar chart of the ratios (needs matplotlib)")
     parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     # Hidden: shrink every shape to at most this many elements (the smoke tests use it).
-    parser.add_argument("--max-numel", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--max-numel", type=cli.positive_int, default=None, help=argparse.SUPPRESS)
 
 
 def _shrink(shape, max_numel):
@@ -336,21 +338,27 @@ def _record(result: Result) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    cli.check_outputs(args.parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.shapes:
-        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
-    else:
-        shapes = SHAPES["quick" if args.quick else "full"]
+    shapes = args.shapes or SHAPES["quick" if args.quick else "full"]
     if args.max_numel:
         shapes = [_shrink(s, args.max_numel) for s in shapes]
     dtypes = args.dtypes or (["float32"] if args.quick else ["float32", "bfloat16", "float16"])
     impls = [BASELINE] + (args.norms or [n for n in IMPLEMENTATIONS if n != BASELINE])
+    for name in impls:
+        k = (IMPLEMENTATIONS[name] or {}).get("k", 1)
+        for s in shapes:
+            if s[0] * math.prod(s[2:]) < max(k, 2):
+                args.parser.error(f"shape {'x'.join(map(str, s))} has {s[0] * math.prod(s[2:])} values per channel; "
+                                  f"{name!r} needs at least {max(k, 2)} (give larger shapes, or --norms without it)")
+    cuda_built = torch.cuda.is_available() and lpnorm.build_info()["cuda"]
     devices = args.devices
     if devices is None:
-        devices = ["cpu"]
-        if torch.cuda.is_available() and lpnorm.build_info()["cuda"]:
-            devices.append("cuda")
+        devices = ["cpu"] + (["cuda"] if cuda_built else [])
+    elif "cuda" in devices and not cuda_built:
+        args.parser.error("--devices cuda: no CUDA device here, or this lpnorm was built without CUDA "
+                          "(python -m lpnorm info)")
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.05 if args.quick else 0.3)
 
     results = run_bench(shapes, dtypes, args.formats, devices, impls, args.passes, min_run_time,

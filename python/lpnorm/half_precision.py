@@ -36,6 +36,8 @@ import torch
 
 import lpnorm
 
+from . import _cli_args as cli
+
 NORMS: Dict[str, dict] = {
     "l2": dict(norm="l2"),
     "l1": dict(norm="l1"),
@@ -385,23 +387,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="m up to 1e4 only")
     parser.add_argument("--norms", nargs="+", choices=list(NORMS), default=list(NORMS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--max-m", type=float, default=None, help="largest m of the sweep (default 1e6)")
-    parser.add_argument("--channels", type=int, default=2, help="channels per tensor (default 2)")
+    parser.add_argument("--max-m", type=cli.positive_float, default=None,
+                        help=f"largest m of the sweep, at least {MS[0]} (default 1e6)")
+    parser.add_argument("--channels", type=cli.positive_int, default=2, help="channels per tensor (default 2)")
     parser.add_argument("--json", metavar="FILE", help="write every point of the sweep as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="heat maps of the relative error (needs matplotlib)")
     parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the demo)")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch threads (default 1, as the demo)")
     parser.add_argument("--train", action="store_true",
                         help="instead of the sweep: train the demo net in float16 with every conv output "
                              "scaled by --scales before its norm (eps scaled by scale^2)")
-    parser.add_argument("--scales", nargs="+", type=float, default=[1.0, 256.0, 1e-4])
-    parser.add_argument("--epochs", type=int, default=None, help="--train: epochs (default 4; --quick 2)")
+    parser.add_argument("--scales", nargs="+", type=cli.positive_float, default=[1.0, 256.0, 1e-4])
+    parser.add_argument("--epochs", type=cli.positive_int, default=None, help="--train: epochs (default 4; --quick 2)")
     parser.add_argument("--variants", nargs="+", choices=list(TRAIN_VARIANTS), default=list(TRAIN_VARIANTS),
                         metavar="VARIANT", help="--train: norm layers: " + ", ".join(repr(v) for v in TRAIN_VARIANTS))
 
 
 def main_train(args: argparse.Namespace) -> int:
-    epochs = args.epochs or (2 if args.quick else 4)
+    epochs = args.epochs if args.epochs is not None else (2 if args.quick else 4)
     rows, unavailable = train_sweep(args.scales, args.variants, epochs, progress=not args.no_progress)
     print(f"lpnorm half --train: the demo net in float16 on scikit-learn's digits, {epochs} epochs, seed 0, "
           f"width 16, every conv output multiplied by the scale before its norm (eps and initial "
@@ -415,11 +418,13 @@ def main_train(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cli.check_outputs(args.parser, args)
+    if args.max_m is not None and args.max_m < MS[0]:
+        args.parser.error(f"--max-m {args.max_m:g}: the sweep's smallest m is {MS[0]}")
+    torch.set_num_threads(args.threads)
     if args.train:
         return main_train(args)
-    max_m = args.max_m or (1e4 if args.quick else 1e6)
+    max_m = args.max_m if args.max_m is not None else (1e4 if args.quick else 1e6)
     ms = [m for m in MS if m <= max_m]
     points, unavailable = sweep(SIGMAS, ms, args.norms, args.modes, args.channels, progress=not args.no_progress)
     print(f"lpnorm half: float16 statistics against float64, x = sigma * N(0, 1) rounded to float16, "

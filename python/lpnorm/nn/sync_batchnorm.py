@@ -190,6 +190,14 @@ class SyncLpBatchNorm(_LpBatchNorm):
                 f"SyncLpBatchNorm: synchronized statistics need CPU tensors (its stage operators have CPU "
                 f"kernels only; use the gloo backend); got input on {input.device}. LpBatchNorm*d normalizes "
                 f"each process's batch on any device")
+        if need_sync:
+            # The fused operator's argument checks (channels, dtypes, eps, the norm's options) on
+            # an empty slice of the batch, before any collective: a refused call raises on every
+            # process alike, with LpBatchNorm*d's message (an empty batch leaves the running
+            # statistics alone; the stage operators check the global m themselves).
+            with torch.no_grad():
+                torch.ops.lpnorm.batch_norm_forward(input[:0], self.weight, self.bias, running_mean, running_var, True,
+                                                    factor, self.eps, self.norm, self.k, self.p, 1, self.constant)
         if not need_sync:
             return functional.batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
                                          factor, self.eps, self.norm, self.k, self.p, 1, self.constant)
