@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -50,10 +51,15 @@ def wheel(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def venv(wheel, tmp_path_factory):
-    """A fresh environment that sees this torch (system site-packages) and the wheel's lpnorm."""
+    """A fresh environment with the wheel's lpnorm that sees this interpreter's torch, numpy and
+    pytest through a .pth file, after its own packages. (--system-site-packages would show the
+    base interpreter's packages where this one is itself a venv, not this one's.)"""
     folder = tmp_path_factory.mktemp("venv")
-    run([sys.executable, "-m", "venv", "--system-site-packages", folder])
+    run([sys.executable, "-m", "venv", folder])
     python = folder / "bin" / "python"
+    ours = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
+    venv_site = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
+    Path(venv_site, "builder.pth").write_text("\n".join(ours) + "\n")
     # --ignore-installed: the same version may already be installed outside the venv (the tree's
     # `pip install .`), and the venv must get the wheel's own copy.
     run([python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", wheel])

@@ -47,8 +47,12 @@ echo "build_wheel.sh: $wheel"
 
 if [ "$test_after" = 1 ]; then
   scratch=$(mktemp -d)
-  "$python" -m venv --system-site-packages "$scratch/venv"
-  "$scratch/venv/bin/python" -m pip install --no-deps --no-index "$wheel"
+  # A fresh venv that sees this python's torch, numpy and pytest through a .pth file, after its
+  # own packages (--system-site-packages shows the base interpreter's where $python is a venv).
+  "$python" -m venv "$scratch/venv"
+  "$python" -c 'import sysconfig; print("\n".join(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))))' \
+    > "$("$scratch/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/builder.pth"
+  "$scratch/venv/bin/python" -m pip install --no-deps --no-index --ignore-installed "$wheel"
   mkdir "$scratch/tests"
   cp tests/*.py "$scratch/tests/"
   rm -f "$scratch/tests/test_wheel.py"  # it builds a wheel itself
