@@ -108,6 +108,7 @@ NORMS = [
     # the multipliers of the authors' code
     dict(norm="linf", constant="paper"),
     dict(norm="topk", k=3, constant="paper"),
+    dict(norm="topk", k=3, chunks=2, constant="paper"),  # the multiplier of the chunk's m
     dict(norm="range", chunks=2, constant="paper"),
 ]
 

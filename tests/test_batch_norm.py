@@ -421,6 +421,29 @@ def test_non_finite_input_stays_in_its_channel(norm_kwargs, bad, device):
     assert_close(running_var[good], ref_var, what="running_var, other channels")
 
 
+@pytest.mark.parametrize("norm_kwargs", [dict(norm="linf"), dict(norm="topk", k=1)], ids=["linf", "topk-k1"])
+@pytest.mark.parametrize("shape", [(4, 3), (6, 5, 1, 1)], ids=["2d", "4d"])
+def test_chunks_of_one_value(norm_kwargs, shape):
+    """linf and top-k with the exact constants take a chunk of one value's |x - mean| (E_max(1) =
+    sqrt(2 / pi)): every row its own ghost batch, forward, gradients and running statistics as
+    the reference. (range, whose E_range(1) is 0, and the paper's multipliers refuse it.)"""
+    x = batch(shape, torch.float64)
+    weight, bias, running_mean, running_var = make_params(shape[1], torch.float64)
+    kwargs = dict(norm_kwargs, chunks=shape[0])
+    grad_output = torch.randn(shape, dtype=torch.float64)
+    ours = [t.clone() for t in (running_mean, running_var)]
+    xl, wl, bl = leaf(x), leaf(weight), leaf(bias)
+    y = lpnorm.functional.batch_norm(xl, *ours, wl, bl, training=True, **kwargs)
+    y.backward(grad_output)
+    ry, gx, gw, gb = reference.forward_backward(x, running_mean, running_var, weight, bias, grad_output,
+                                                training=True, **kwargs)
+    assert_close(y, ry, what="output")
+    assert_close(xl.grad, gx, what="grad of input")
+    assert_close(wl.grad, gw, what="grad of weight")
+    assert_close(bl.grad, gb, what="grad of bias")
+    assert_close(ours[1], running_var, what="running_var")
+
+
 @pytest.mark.parametrize("row", [0, 7], ids=["first-element", "last-element"])
 @pytest.mark.parametrize("bad", [math.inf, -math.inf], ids=["inf", "-inf"])
 @devices_param()

@@ -21,6 +21,21 @@ def run_cli(capsys, *argv):
 
 
 # ---------------------------------------------------------------------------------------------
+# info
+
+def test_info_reports_this_build(capsys):
+    """`python -m lpnorm info --json`: the build's facts as the library has them."""
+    report = json.loads(run_cli(capsys, "info", "--json"))
+    build = lpnorm.build_info()
+    assert report["lpnorm"] == build["version"] and report["built for torch"] == build["torch_version"]
+    assert report["cpu isa in use"] == build["cpu_isa"] and report["cpu isa in use"] in report["cpu isas available"]
+    assert report["cuda compiled"] == build["cuda"] and report["running torch"] == torch.__version__
+    assert {"lpnorm::batch_norm", "lpnorm::batch_norm_forward", "lpnorm::batch_norm_backward"} <= set(
+        report["operators"].split(", "))
+    assert report["c++ header"].endswith("lpnorm.h") and report["installed as"] == lpnorm.__version__
+
+
+# ---------------------------------------------------------------------------------------------
 # bench
 
 def test_bench_quick_table_and_json(tmp_path, capsys):

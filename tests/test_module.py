@@ -152,6 +152,29 @@ def test_default_norm_is_l1(kind):
     assert_close(lp_cls(4)(x).detach(), expected)
 
 
+def test_functional_is_torchs_signature_then_the_options():
+    """lpnorm.functional.batch_norm takes F.batch_norm's arguments in F.batch_norm's order and
+    defaults (SPEC §6), then the options, whose defaults are l1, k = 10, p = 2, one chunk: a
+    call written for torch, positional arguments included, is an l1 batch norm."""
+    import inspect
+
+    ours = inspect.signature(lpnorm.functional.batch_norm).parameters
+    theirs = inspect.signature(nn.functional.batch_norm).parameters
+    assert list(ours)[:len(theirs)] == list(theirs)
+    assert all(ours[name].default == theirs[name].default for name in theirs)
+    assert [(name, ours[name].default) for name in list(ours)[len(theirs):]] == [
+        ("norm", "l1"), ("k", 10), ("p", 2.0), ("chunks", 1), ("constant", "exact"), ("accumulate", "float")]
+    x = batch((6, 4, 3), torch.float64)
+    stats = (torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64))
+    weight, bias = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64)
+    y = lpnorm.functional.batch_norm(x, *stats, weight, bias, True, 0.3, 1e-3)  # all positional
+    expected_stats = (torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64))
+    expected = reference.batch_norm(x, *expected_stats, weight, bias, training=True, momentum=0.3, eps=1e-3,
+                                    norm="l1")
+    assert_close(y, expected)
+    assert_close(stats[1], expected_stats[1])
+
+
 @kinds_param
 @pytest.mark.parametrize("norm_kwargs", [dict(norm="l1"), dict(norm="linf", chunks=2)],
                          ids=["l1", "linf-chunks2"])

@@ -56,6 +56,7 @@ if [ "$test_after" = 1 ]; then
   mkdir "$scratch/tests"
   cp tests/*.py "$scratch/tests/"
   rm -f "$scratch/tests/test_wheel.py"  # it builds a wheel itself
+  cp -r examples "$scratch/"  # test_deploy_cpp.py builds examples/cpp against the wheel's CMake package
   (cd "$scratch" && "$scratch/venv/bin/python" -m lpnorm info &&
      "$scratch/venv/bin/python" -m pytest tests -q -p no:cacheprovider -rs)
   echo "build_wheel.sh: tested $wheel in $scratch/venv"

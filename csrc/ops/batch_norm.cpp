@@ -82,9 +82,12 @@ core::NormSpec parse_norm_spec(c10::string_view norm, int64_t k, double p, int64
                     " with norm '", norm_name, "'");
   TORCH_CHECK_VALUE(batch % chunks == 0, "lpnorm.batch_norm: chunks=", chunks,
                     " must divide the batch size N=", batch);
-  if (spec.extremes_per_end() > 0) {
-    TORCH_CHECK_VALUE(count == 0 || count / chunks >= 2, "lpnorm.batch_norm: norm '", norm_name,
-                      "' needs at least 2 values per channel in each of the chunks=", chunks, ", got ",
+  // A chunk of one value has a range of 0 (E_range(1) = 0) and no paper multiplier (it divides
+  // by sqrt(2 ln m)); linf and top-k with the exact constants take its |d| (E_max(1) = sqrt(2/pi)).
+  if (spec.kind == core::NormKind::Range || (spec.extremes_per_end() > 0 && spec.constant == core::ConstantMode::Paper)) {
+    TORCH_CHECK_VALUE(count == 0 || count / chunks >= 2, "lpnorm.batch_norm: norm '", norm_name, "'",
+                      spec.constant == core::ConstantMode::Paper ? " with constant='paper'" : "",
+                      " needs at least 2 values per channel in each of the chunks=", chunks, ", got ",
                       count / chunks);
   }
   if (spec.kind == core::NormKind::P) {
