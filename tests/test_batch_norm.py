@@ -444,6 +444,29 @@ def test_chunks_of_one_value(norm_kwargs, shape):
     assert_close(ours[1], running_var, what="running_var")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scale,p", [(100.0, 20.0), (100.0, 40.0), (0.01, 40.0), (1e-3, 40.0), (1.0, 3.0)],
+                         ids=["x100-p20", "x100-p40", "x0.01-p40", "x0.001-p40", "x1-p3"])
+def test_p_norm_powers_beyond_float(scale, p, dtype):
+    """The general p norm raises |x - mean| to p (and p - 1) in the accumulation type; for
+    float32 and half inputs that left float's range (p = 20 with deviations of 100 overflowed,
+    and every output was 0). Those channels are summed and differentiated again in double
+    (cpu/exact_power.h): output and input gradient as the float64 reference, to the input's
+    precision. (CPU: the CUDA kernels still power in float.)"""
+    x = torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * scale
+    x = x.to(dtype).double()  # values the input dtype holds
+    grad_output = torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    xl = leaf(x.to(dtype))
+    y = lpnorm.functional.batch_norm(xl, None, None, training=True, norm="p", p=p)
+    y.backward(grad_output.to(dtype))
+    xr = leaf(x)
+    expected = reference.batch_norm(xr, None, None, training=True, norm="p", p=p)
+    expected.backward(grad_output)
+    assert expected.abs().max() > 0.5  # far from the all-zero output
+    assert_close(y, expected, dtype=dtype, what="output")
+    assert_close(xl.grad, xr.grad, dtype=dtype, what="grad of input")
+
+
 @pytest.mark.parametrize("row", [0, 7], ids=["first-element", "last-element"])
 @pytest.mark.parametrize("bad", [math.inf, -math.inf], ids=["inf", "-inf"])
 @devices_param()

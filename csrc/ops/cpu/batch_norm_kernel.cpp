@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "core/channel_math.h"
+#include "cpu/exact_power.h"
 #include "cpu/half_accumulation.h"
 #include "cpu/kernels.h"
 #include "ops/batch_norm.h"
@@ -448,6 +449,13 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       using Kind = core::NormKind;
       if (spec.kind == Kind::L2) return dense_loop(std::integral_constant<Kind, Kind::L2>{});
       if (spec.kind == Kind::L1) return dense_loop(std::integral_constant<Kind, Kind::L1>{});
+      // |d|^p in float that left float's range: those channels' sums again, in double.
+      for (int64_t c = begin; c < end && dtype != cpu::Dtype::Float64 && !in_half; ++c) {
+        if (!std::isfinite(mean[c]) || !cpu::power_sums_left_float(deviation[c], m)) continue;
+        const cpu::PowerSums exact = cpu::exact_power_sums(layout, dtype, xp, c, mean[c], spec.p);
+        deviation[c] = exact.deviation;
+        phi[c] = exact.phi;
+      }
       dense_loop(std::integral_constant<Kind, Kind::P>{});
     };
 
@@ -536,6 +544,19 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
   const Values<double> sparse = per_channel(scratch, sparse_coef, channels * cols, 0.0);
   const Tensor index = sparse_index.contiguous();
   Tensor grad_input = at::empty_like(x);
+  // The general p norm's channels whose |d|^(p - 1) leaves float's range (cpu/exact_power.h):
+  // their phi_scale from sigma in double (saved in float32 it may be 0), their gradient
+  // element by element in double after the vector pass.
+  std::vector<int64_t> exact_channels;
+  if (spec.kind == core::NormKind::P && training && m > 0 && dtype != cpu::Dtype::Float64 && !in_half) {
+    const double lp_constant = core::channel_constants(spec, m).lp_constant;
+    for (int64_t c = 0; c < channels; ++c) {
+      const double sigma_cp = coef[3 * c] * lp_constant;
+      if (!cpu::power_grad_leaves_float(sigma_cp, spec.p, m)) continue;
+      coef[3 * c + 1] = std::pow(sigma_cp, 1.0 - spec.p) / (static_cast<double>(m) * lp_constant);
+      exact_channels.push_back(c);
+    }
+  }
   // Pointers and the streaming choice once per call, not once per tile (a fused tile is one
   // channel; a getenv per channel was 3% of (4,512,7,7)).
   const void* gp = grad.const_data_ptr();
@@ -590,6 +611,12 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
     finish(0, channels);
     for_each_tile(make_apply_plan(layout, x.element_size(), std::move(plan)), [&](const Tile& t, int64_t) { apply(t); });
   }
+  cpu_parallel_for(0, static_cast<int64_t>(exact_channels.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c = exact_channels[i];
+      cpu::exact_power_grad(layout, dtype, gp, xp, gxp, c, mean[c], grad_coef[c], spec.p);
+    }
+  });
   sum_g.count = channels;  // part 0: the combined sums
   const auto param_dtype = weight.has_value() && weight->defined() ? weight->scalar_type()
                                                                    : stats_dtype(x.scalar_type());
