@@ -292,6 +292,32 @@ def test_stage_operators_pass_opcheck_and_equal_the_fused_operator():
         torch.library.opcheck(ops.batch_norm_apply_grad, grad_args)
 
 
+def test_stage_operators_power_p_beyond_float_in_double():
+    """float32 data of scale 100 with p = 20: |d|^20 overflows float. The stages redo those
+    channels in double as the fused operator does (cpu/exact_power.h): the same output and
+    input gradient, not zeros."""
+    import lpnorm
+
+    ops = torch.ops.lpnorm
+    x = torch.randn(32, 3, 4, generator=torch.Generator().manual_seed(5)) * 100
+    g = torch.randn(32, 3, 4, generator=torch.Generator().manual_seed(6))
+    m, p = 128, 20.0
+    xr = x.clone().requires_grad_()
+    y = lpnorm.functional.batch_norm(xr, None, None, None, None, True, 0.1, 1e-5, "p", 1, p)
+    y.backward(g)
+    assert y.abs().max() > 0.5
+    total, value, index = ops.batch_norm_collect(x, "p", 1, 0)
+    deviation, phi = ops.batch_norm_deviations(x, total / m, "p", p)
+    assert torch.isfinite(deviation).all() and torch.isfinite(phi).all()
+    mean, invstd, coef, sparse_index, sparse_coef, _ = ops.batch_norm_finalize(
+        m, total, deviation, phi, value, index, 1e-5, "p", 1, p, "exact")
+    sum_g, sum_gd = ops.batch_norm_reduce_grad(g, x, mean)
+    torch.testing.assert_close(ops.batch_norm_apply(x, mean, invstd, None, None), y)
+    grad = ops.batch_norm_apply_grad(g, x, None, mean, invstd, coef, sparse_index, sparse_coef, sum_g, sum_gd, m,
+                                     "p", p, 0)
+    torch.testing.assert_close(grad, xr.grad, rtol=1e-5, atol=1e-5 * float(xr.grad.abs().max()))
+
+
 def test_stage_operators_split_channels_last_rows_across_threads(monkeypatch):
     """The stages run over the split schedule's tiles: a channels-last input is cut into row
     blocks, a count fixed by the shape, whose partial statistics are combined in block order.

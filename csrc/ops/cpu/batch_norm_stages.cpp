@@ -21,9 +21,11 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <vector>
 
 #include "core/channel_math.h"
+#include "cpu/exact_power.h"
 #include "cpu/kernels.h"
 #include "ops/batch_norm.h"
 #include "ops/cpu/plan.h"
@@ -150,11 +152,26 @@ std::tuple<Tensor, Tensor> deviations_cpu(const Tensor& input, const Tensor& mea
   }
   const cpu::Dtype dtype = stage_dtype(x, "batch_norm_deviations");
   const cpu::Kernels& kernels = cpu::kernels();
-  return two_sums(make_plan(layout, x.element_size(), 1), channels, x, [&](const Tile& t, double* deviation, double* phi) {
-    kernels.collect_deviations({layout, dtype, x.const_data_ptr(), mean_values.const_data_ptr<double>(), spec.phi(),
-                                spec.deviation_power(), deviation, phi},
+  const double* mp = mean_values.const_data_ptr<double>();
+  auto sums = two_sums(make_plan(layout, x.element_size(), 1), channels, x, [&](const Tile& t, double* deviation, double* phi) {
+    kernels.collect_deviations({layout, dtype, x.const_data_ptr(), mp, spec.phi(), spec.deviation_power(), deviation,
+                                phi},
                                t);
   });
+  // The general p norm's channels whose powers in float left its range, again in double (as
+  // the fused operator: cpu/exact_power.h).
+  const int64_t m = layout.count();
+  if (spec.kind == core::NormKind::P && dtype != cpu::Dtype::Float64 && m > 0) {
+    double* deviation = std::get<0>(sums).mutable_data_ptr<double>();
+    double* phi = std::get<1>(sums).mutable_data_ptr<double>();
+    for (int64_t c = 0; c < channels; ++c) {
+      if (!std::isfinite(mp[c]) || !cpu::power_sums_left_float(deviation[c], m)) continue;
+      const cpu::PowerSums exact = cpu::exact_power_sums(layout, dtype, x.const_data_ptr(), c, mp[c], spec.p);
+      deviation[c] = exact.deviation;
+      phi[c] = exact.phi;
+    }
+  }
+  return sums;
 }
 
 using FinalizeResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -344,6 +361,15 @@ Tensor apply_grad_cpu(const Tensor& grad_output, const Tensor& input, const Opti
                                 streams_output(grad_input.nbytes())};
   const Plan plan = make_apply_plan(layout, x.element_size(), make_plan(layout, x.element_size(), 2));
   for_each_tile(plan, [&](const Tile& t, int64_t) { kernels.apply_grad(args, t); });
+  // The general p norm's channels whose |d|^(p - 1) in float leaves its range, again in double
+  // (as the fused operator; the stages' statistics are float64, phi_scale included).
+  if (spec.kind == core::NormKind::P && args.dtype != cpu::Dtype::Float64 && m > 0 && count > 0) {
+    const double lp_constant = core::channel_constants(spec, count).lp_constant;
+    for (int64_t c = 0; c < channels; ++c) {
+      if (!cpu::power_grad_leaves_float(cp[3 * c] * lp_constant, spec.p, count)) continue;
+      cpu::exact_power_grad(layout, args.dtype, args.grad, args.x, args.grad_x, c, mp[c], grad_coef[c], spec.p);
+    }
+  }
   return in_layout_of(grad_input, input);
 }
 
