@@ -61,6 +61,10 @@ REFUSED = {  # name: (arguments changed from the valid call, exception, what the
     "bias on another device": (dict(bias=torch.zeros(3, device="meta")), ValueError, "bias"),
     "running_mean on another device": (
         dict(running_mean=torch.zeros(3, device="meta")), ValueError, "running_mean"),
+    "running_mean requiring grad": (dict(running_mean=torch.zeros(3, requires_grad=True)), ValueError,
+                                    "running_mean requires grad"),
+    "running_var requiring grad in eval": (dict(running_var=torch.ones(3, requires_grad=True), training=False),
+                                           ValueError, "running_var requires grad"),
     "running_var on another device": (
         dict(running_var=torch.ones(3, device="meta")), ValueError, "running_var"),
     # dtypes
@@ -84,6 +88,13 @@ def test_functional_refuses(case):
     for t, saved in zip((changes["running_mean"], changes["running_var"]), before):
         if t.device.type == "cpu":
             assert torch.equal(t, saved), "a refused call changed the running statistics"
+
+
+def test_backward_op_refuses_an_input_of_one_dimension():
+    saved = torch.ops.lpnorm.batch_norm_forward(torch.randn(4, 3), None, None, None, None, True, 0.1, 1e-5, "l1", 10,
+                                                2.0, 1, "exact")[1:]
+    with pytest.raises(ValueError, match="batch_norm_backward: input must have at least 2 dimensions"):
+        torch.ops.lpnorm.batch_norm_backward(torch.randn(4), torch.randn(4), None, *saved, True, "l1", 2.0)
 
 
 def test_eval_without_running_stats_is_refused_by_the_op():

@@ -139,6 +139,8 @@ core::NormSpec check_forward(const Tensor& input, const OptionalTensor& weight, 
 void check_backward(const Tensor& grad_output, const Tensor& input, const OptionalTensor& weight,
                     const Tensor& save_mean, const Tensor& save_invstd, const Tensor& save_coef,
                     const Tensor& sparse_index, const Tensor& sparse_coef) {
+  TORCH_CHECK_VALUE(input.dim() >= 2, "lpnorm.batch_norm_backward: input must have at least 2 dimensions ",
+                    "(N, C, ...), got shape ", input.sizes());
   TORCH_CHECK_VALUE(grad_output.sizes() == input.sizes(), "lpnorm.batch_norm_backward: grad_output has ",
                     "shape ", grad_output.sizes(), " but input has shape ", input.sizes());
   TORCH_CHECK_VALUE(grad_output.device() == input.device(), "lpnorm.batch_norm_backward: grad_output is on ",

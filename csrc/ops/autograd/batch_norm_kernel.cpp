@@ -131,6 +131,13 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
                         const OptionalTensor& running_var, bool training, double momentum, double eps,
                         const std::string& norm, int64_t k, double p, int64_t chunks, const std::string& constant,
                         const std::string& accumulate) {
+    // As torch's batch_norm: the running statistics are buffers, not differentiable (updated in
+    // place, a gradient through them would be silently dropped).
+    for (const auto& [stats, name] : {std::pair<const OptionalTensor&, const char*>{running_mean, "running_mean"},
+                                      {running_var, "running_var"}}) {
+      TORCH_CHECK_VALUE(!(stats.has_value() && stats->defined() && stats->requires_grad()), "lpnorm.batch_norm: ",
+                        name, " requires grad, but the running statistics are not differentiable (as torch's)");
+    }
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [output, save_mean, save_invstd, save_coef, sparse_index, sparse_coef] = call_forward(
         input, weight, bias, running_mean, running_var, training, momentum, eps, norm, k, p, chunks, constant,
