@@ -467,6 +467,19 @@ def test_p_norm_powers_beyond_float(scale, p, dtype):
     assert_close(xl.grad, xr.grad, dtype=dtype, what="grad of input")
 
 
+@pytest.mark.parametrize("norm_kwargs", [dict(norm="l2"), dict(norm="l1"), dict(norm="p", p=3.0)],
+                         ids=["l2", "l1", "p3"])
+@pytest.mark.parametrize("value", [12345.678, 0.1, -3.3e7], ids=str)
+def test_constant_channel_of_a_large_value_normalizes_to_bias(norm_kwargs, value):
+    """A constant channel's d is exactly 0 and its output the bias, as torch's, whatever its
+    value: the dense norms sum x - p around a pivot from the channel's first elements. (Float
+    sums of x left the mean of 12345.678 a few ulps off; l1 normalized that to -0.29.)"""
+    x = torch.full((7, 2, 3), value)
+    bias = torch.tensor([0.25, -1.5])
+    y = lpnorm.functional.batch_norm(x, None, None, None, bias, training=True, **norm_kwargs)
+    assert torch.equal(y, bias.view(1, 2, 1).expand_as(y))
+
+
 @pytest.mark.parametrize("row", [0, 7], ids=["first-element", "last-element"])
 @pytest.mark.parametrize("bad", [math.inf, -math.inf], ids=["inf", "-inf"])
 @devices_param()

@@ -43,8 +43,9 @@ struct StatsArgs {
   double* sum;                    // [C]
   core::Candidate* largest;       // [C][chunks][per_end]
   core::Candidate* smallest;      // [C][chunks][per_end], values negated
-  // l2's one pass: with these, the pass picks a pivot p per channel (the mean of its first
-  // elements, written here), and `sum` gets sum (x - p), sum_sq sum (x - p)^2.
+  // The dense norms' shifted sums: with a pivot, the pass picks p per channel (the mean of its
+  // first elements, written here), and `sum` gets sum (x - p); with sum_sq too (l2's one
+  // pass), sum (x - p)^2.
   double* pivot = nullptr;        // [C]
   double* sum_sq = nullptr;       // [C]
   // The fused forward's pick (tiles that hold whole channels), [C][chunks][per_end]: the

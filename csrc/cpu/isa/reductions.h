@@ -32,6 +32,14 @@ struct ShiftedSumsOp {  // around a pivot close to the mean, so the squares bare
   }
 };
 
+struct ShiftedSumOp {  // the sum alone (l1, p: their deviations take a pass of their own)
+  static constexpr bool kRowsWhenFetched = true;
+  template <typename V>
+  LPNORM_INLINE void operator()(V x, V, V pivot, V& s0, V&) const {
+    s0 += x - pivot;
+  }
+};
+
 struct GradSumsOp {
   static constexpr bool kRowsWhenFetched = true;  // see reduce_channels_innermost
   template <typename V>

@@ -95,8 +95,9 @@ Tensor values_tensor(Values<double> values, const Tensor& like, at::ScalarType d
 // line (LPNORM_VECTOR_CLONES: built once per instruction set, with their pointers' __restrict;
 // inlined into the schedules' lambdas, some copies lost it and were left scalar).
 
-// Channels [begin, end): the means from collect_stats' sums, and where l2 took shifted sums
-// (pivot not null) its deviation sums: sum d^2 = sum (x - p)^2 - (sum (x - p))^2 / m, kept
+// Channels [begin, end): the means from collect_stats' sums (of x - p where pivot is not null),
+// and where l2 took shifted squares too (sum_sq not null) its deviation sums:
+// sum d^2 = sum (x - p)^2 - (sum (x - p))^2 / m, kept
 // where that loses at most 2 bits (the shift p - mean at most sqrt(3) sigma; with p the mean
 // of 8 elements, a Gaussian channel fails once in 10^6). Returns whether every channel's was
 // kept; if not, the deviation pass sums them all again.
@@ -111,6 +112,10 @@ LPNORM_VECTOR_CLONES bool means_from_sums(int64_t begin, int64_t end, int64_t m,
   const double count = static_cast<double>(m);
   if (pivot == nullptr) {
     for (int64_t c = begin; c < end; ++c) mean[c] = sum[c] / count;
+    return false;
+  }
+  if (sum_sq == nullptr) {
+    for (int64_t c = begin; c < end; ++c) mean[c] = pivot[c] + sum[c] / count;
     return false;
   }
   double lossy = 0;  // a count, in double: with an integer count GCC 12 leaves the loop scalar
@@ -332,7 +337,11 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
     const Values<core::Candidate> largest = scratch.take_unset<core::Candidate>(buffers * channels * lists);
     const Values<core::Candidate> smallest = scratch.take_unset<core::Candidate>(buffers * channels * lists);
     // l2 in one pass: sums of x - p and (x - p)^2 around a pivot p near the mean.
-    const bool shifted = spec.kind == core::NormKind::L2 && !in_half;
+    // The dense norms sum x - p around a pivot p from each channel's first elements (l2 also
+    // (x - p)^2, its one pass): a constant channel's mean is then exact, where float sums of x
+    // left it ulps off, every d that error, normalized to O(1) (l1, float32 12345.678: -0.29).
+    const bool shifted = spec.uses_deviation_sums() && !in_half;
+    const bool one_pass_l2 = shifted && spec.kind == core::NormKind::L2;
     const Values<double> pivot = scratch.take<double>(shifted ? buffers * channels : 0);
     const Values<double> sum_sq = scratch.take<double>(pivot.count);
     // The fused topk forward: the stats pass may pick each chunk's largest |x - mean| itself.
@@ -353,13 +362,15 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
               largest.data() + part * channels * lists,
               smallest.data() + part * channels * lists,
               shifted ? pivot.data() + part * channels : nullptr,
-              shifted ? sum_sq.data() + part * channels : nullptr,
+              one_pass_l2 ? sum_sq.data() + part * channels : nullptr,
               pick_in_pass ? picked.data() : nullptr};
     };
     // The means (and l2's one-pass deviation sums) of channels [begin, end).
     auto means = [&](int64_t begin, int64_t end) {
-      return means_from_sums(begin, end, m, sum.data(), shifted ? pivot.data() : nullptr, sum_sq.data(), mean.data(),
-                             deviation.data(), phi.data());
+      const bool kept = means_from_sums(begin, end, m, sum.data(), shifted ? pivot.data() : nullptr,
+                                        one_pass_l2 ? sum_sq.data() : nullptr, mean.data(), deviation.data(),
+                                        phi.data());
+      return kept && one_pass_l2;  // the others' deviations take their own pass
     };
     auto deviation_args = [&](int64_t part) -> cpu::DeviationArgs {
       return {layout, dtype, xp, mean.data(), spec.phi(), spec.deviation_power(),
@@ -475,7 +486,7 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
         kernels.collect_stats(stats_args(part), tiles, count);
       });
       combine_sums(sum.data(), channels, plan.parts);
-      if (shifted) combine_sums(sum_sq.data(), channels, plan.parts);
+      if (one_pass_l2) combine_sums(sum_sq.data(), channels, plan.parts);
       if (per_end > 0) combine_extremes(largest.data(), channels, plan.parts, lists, per_end);
       if (per_end > 0) combine_extremes(smallest.data(), channels, plan.parts, lists, per_end);
       if (in_half) {  // the means in half as sums: m * mean is exact in double, so is sum / m
