@@ -66,6 +66,18 @@ PowerSums exact_power_sums(const core::ChannelLayout& l, Dtype dtype, const void
   return sums;
 }
 
+void redo_power_sums(const core::ChannelLayout& l, Dtype dtype, const void* x, int64_t begin, int64_t end,
+                     const double* mean, double p, double* deviation, double* phi) {
+  const int64_t m = l.count();
+  if (dtype == Dtype::Float64 || m == 0) return;
+  for (int64_t c = begin; c < end; ++c) {
+    if (!std::isfinite(mean[c]) || !power_sums_left_float(deviation[c], m)) continue;
+    const PowerSums exact = exact_power_sums(l, dtype, x, c, mean[c], p);
+    deviation[c] = exact.deviation;
+    phi[c] = exact.phi;
+  }
+}
+
 void exact_power_grad(const core::ChannelLayout& l, Dtype dtype, const void* grad, const void* x, void* grad_x,
                       int64_t c, double mean, const core::GradCoefficients& k, double p) {
   with_type(dtype, [&](auto tag) {
@@ -73,7 +85,7 @@ void exact_power_grad(const core::ChannelLayout& l, Dtype dtype, const void* gra
     T* out = static_cast<T*>(grad_x);
     each_element(l, c, [&](int64_t offset) {
       const double d = load<T>(x, offset) - mean;
-      const double phi = core::sign_of(d) * std::pow(std::abs(d), p - 1);
+      const double phi = core::phi(core::PhiKind::SignedPower, d, p);
       const double value = k.scale_g * load<T>(grad, offset) + k.scale_phi * phi + k.offset;
       out[offset] = core::Element<T>::store(static_cast<typename core::Element<T>::acc>(value));
     });

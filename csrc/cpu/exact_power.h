@@ -29,6 +29,12 @@ struct PowerSums {
 PowerSums exact_power_sums(const core::ChannelLayout& layout, Dtype dtype, const void* x, int64_t c, double mean,
                            double p);
 
+// Channels [begin, end) of x whose float sums (deviation[c], phi[c], around mean[c]) left
+// float's range, summed again in double (exact_power_sums) in place; none for Float64 data or
+// a non-finite mean.
+void redo_power_sums(const core::ChannelLayout& layout, Dtype dtype, const void* x, int64_t begin, int64_t end,
+                     const double* mean, double p, double* deviation, double* phi);
+
 // Channel c of grad_x = scale_g * g + scale_phi * sign(d) |d|^(p - 1) + offset, in double.
 void exact_power_grad(const core::ChannelLayout& layout, Dtype dtype, const void* grad, const void* x, void* grad_x,
                       int64_t c, double mean, const core::GradCoefficients& k, double p);

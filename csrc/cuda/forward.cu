@@ -1,6 +1,6 @@
 // The forward passes on the GPU: collect_stats, channel_means and collect_deviations (dense
-// norms), finish_channels (the core's per-channel math on the device), apply_affine. See kernels.h for the structure and
-// common.cuh for the walk, the reduction and the launch plan.
+// norms), finish_channels (the core's per-channel math on the device), apply_affine. See
+// kernels.h for the structure and common.cuh for the walk, the reduction and the launch plan.
 #include "cuda/common.cuh"
 #include "cuda/passes.cuh"
 

@@ -349,8 +349,9 @@ def main(args: argparse.Namespace) -> int:
     for name in impls:
         k = (IMPLEMENTATIONS[name] or {}).get("k", 1)
         for s in shapes:
-            if s[0] * math.prod(s[2:]) < max(k, 2):
-                args.parser.error(f"shape {'x'.join(map(str, s))} has {s[0] * math.prod(s[2:])} values per channel; "
+            values = s[0] * math.prod(s[2:])  # per channel
+            if values < max(k, 2):
+                args.parser.error(f"shape {'x'.join(map(str, s))} has {values} values per channel; "
                                   f"{name!r} needs at least {max(k, 2)} (give larger shapes, or --norms without it)")
     cuda_built = torch.cuda.is_available() and lpnorm.build_info()["cuda"]
     devices = args.devices

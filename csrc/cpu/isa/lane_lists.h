@@ -93,7 +93,8 @@ struct LaneLists {
     return block;
   }
   static int64_t levels_for(int64_t k) {
-    return k == 1 ? 1 : k <= 16 ? (k + 1) / 2 * 2 : k <= 24 ? 24 : k <= 32 ? 32 : k <= 48 ? 48 : k <= kMaxLevels ? kMaxLevels : k;
+    if (k == 1 || k > kMaxLevels) return k;
+    return k <= 16 ? (k + 1) / 2 * 2 : k <= 24 ? 24 : k <= 32 ? 32 : k <= 48 ? 48 : kMaxLevels;
   }
   // For a walk of `rows` rows, `group_count` vectors of channels wide. A thread keeps its
   // lists from walk to walk (see reduce_channels_innermost): the buffers grow as needed, and

@@ -461,11 +461,8 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
       if (spec.kind == Kind::L2) return dense_loop(std::integral_constant<Kind, Kind::L2>{});
       if (spec.kind == Kind::L1) return dense_loop(std::integral_constant<Kind, Kind::L1>{});
       // |d|^p in float that left float's range: those channels' sums again, in double.
-      for (int64_t c = begin; c < end && dtype != cpu::Dtype::Float64 && !in_half; ++c) {
-        if (!std::isfinite(mean[c]) || !cpu::power_sums_left_float(deviation[c], m)) continue;
-        const cpu::PowerSums exact = cpu::exact_power_sums(layout, dtype, xp, c, mean[c], spec.p);
-        deviation[c] = exact.deviation;
-        phi[c] = exact.phi;
+      if (!in_half) {
+        cpu::redo_power_sums(layout, dtype, xp, begin, end, mean.data(), spec.p, deviation.data(), phi.data());
       }
       dense_loop(std::integral_constant<Kind, Kind::P>{});
     };

@@ -21,7 +21,6 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <vector>
 
 #include "core/channel_math.h"
@@ -153,23 +152,17 @@ std::tuple<Tensor, Tensor> deviations_cpu(const Tensor& input, const Tensor& mea
   const cpu::Dtype dtype = stage_dtype(x, "batch_norm_deviations");
   const cpu::Kernels& kernels = cpu::kernels();
   const double* mp = mean_values.const_data_ptr<double>();
-  auto sums = two_sums(make_plan(layout, x.element_size(), 1), channels, x, [&](const Tile& t, double* deviation, double* phi) {
+  const Plan plan = make_plan(layout, x.element_size(), 1);
+  auto sums = two_sums(plan, channels, x, [&](const Tile& t, double* deviation, double* phi) {
     kernels.collect_deviations({layout, dtype, x.const_data_ptr(), mp, spec.phi(), spec.deviation_power(), deviation,
                                 phi},
                                t);
   });
   // The general p norm's channels whose powers in float left its range, again in double (as
   // the fused operator: cpu/exact_power.h).
-  const int64_t m = layout.count();
-  if (spec.kind == core::NormKind::P && dtype != cpu::Dtype::Float64 && m > 0) {
-    double* deviation = std::get<0>(sums).mutable_data_ptr<double>();
-    double* phi = std::get<1>(sums).mutable_data_ptr<double>();
-    for (int64_t c = 0; c < channels; ++c) {
-      if (!std::isfinite(mp[c]) || !cpu::power_sums_left_float(deviation[c], m)) continue;
-      const cpu::PowerSums exact = cpu::exact_power_sums(layout, dtype, x.const_data_ptr(), c, mp[c], spec.p);
-      deviation[c] = exact.deviation;
-      phi[c] = exact.phi;
-    }
+  if (spec.kind == core::NormKind::P) {
+    cpu::redo_power_sums(layout, dtype, x.const_data_ptr(), 0, channels, mp, spec.p,
+                         std::get<0>(sums).mutable_data_ptr<double>(), std::get<1>(sums).mutable_data_ptr<double>());
   }
   return sums;
 }
