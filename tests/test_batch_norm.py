@@ -467,17 +467,28 @@ def test_p_norm_powers_beyond_float(scale, p, dtype):
     assert_close(xl.grad, xr.grad, dtype=dtype, what="grad of input")
 
 
-@pytest.mark.parametrize("norm_kwargs", [dict(norm="l2"), dict(norm="l1"), dict(norm="p", p=3.0)],
-                         ids=["l2", "l1", "p3"])
+@pytest.mark.parametrize("norm_kwargs", [dict(norm="l2"), dict(norm="l1"), dict(norm="p", p=3.0), dict(norm="linf"),
+                                         dict(norm="topk", k=4), dict(norm="range")],
+                         ids=["l2", "l1", "p3", "linf", "topk", "range"])
 @pytest.mark.parametrize("value", [12345.678, 0.1, -3.3e7], ids=str)
-def test_constant_channel_of_a_large_value_normalizes_to_bias(norm_kwargs, value):
+@pytest.mark.parametrize("shape,memory_format", [((7, 2, 3), None), ((32, 2, 8, 8), None),
+                                                 ((32, 2, 8, 8), torch.channels_last), ((256, 2), None)],
+                         ids=["7x2x3", "nchw", "nhwc", "256x2"])
+@devices_param()
+def test_constant_channel_of_a_large_value_normalizes_to_bias(norm_kwargs, value, shape, memory_format, device):
     """A constant channel's d is exactly 0 and its output the bias, as torch's, whatever its
-    value: the dense norms sum x - p around a pivot from the channel's first elements. (Float
-    sums of x left the mean of 12345.678 a few ulps off; l1 normalized that to -0.29.)"""
-    x = torch.full((7, 2, 3), value)
-    bias = torch.tensor([0.25, -1.5])
-    y = lpnorm.functional.batch_norm(x, None, None, None, bias, training=True, **norm_kwargs)
-    assert torch.equal(y, bias.view(1, 2, 1).expand_as(y))
+    value: every norm sums x - p around a pivot from the channel's first elements, on the CPU
+    and the GPU alike. (Float sums of x left the mean of 12345.678 a few ulps off, which l1
+    normalized to -0.29 and linf on (32, 2, 8, 8) to -1.6.) Channel 1 is random, so the lists
+    and sums run in their lanes."""
+    x = torch.full(shape, value)
+    x[:, 1] = torch.randn(x[:, 1].shape, generator=torch.Generator().manual_seed(0))
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    bias = torch.tensor([0.25, -1.5], device=device)
+    y = lpnorm.functional.batch_norm(x.to(device), None, None, None, bias, training=True, **norm_kwargs)
+    assert torch.equal(y[:, 0], torch.full_like(y[:, 0], 0.25))
+    assert y[:, 1].std() > 0.5
 
 
 @pytest.mark.parametrize("row", [0, 7], ids=["first-element", "last-element"])

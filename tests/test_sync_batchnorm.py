@@ -256,10 +256,10 @@ def test_stage_operators_have_fake_kernels():
 
 
 def test_stage_operators_pass_opcheck_and_equal_the_fused_operator():
-    """One process through the stages (index_offset 0) is the fused operator, bit for bit,
-    except the dense norms (l2, l1, p): the fused CPU operator sums x - p (p a pivot from the
-    channel's first elements; l2 also (x - p)^2, in one pass), the stages sum x, whose total
-    the processes add: equal to rounding."""
+    """One process through the stages (index_offset 0) is the fused operator to rounding: both
+    sum x - p (p a pivot from the channel's first elements; the fused l2 also (x - p)^2, in one
+    pass), but the fused operator's mean is p + sum / m, the stages' the total p * m + sum,
+    which the processes add, over m."""
     import lpnorm
 
     ops = torch.ops.lpnorm
@@ -280,10 +280,10 @@ def test_stage_operators_pass_opcheck_and_equal_the_fused_operator():
         mean, invstd, coef, sparse_index, sparse_coef, _ = ops.batch_norm_finalize(*finalize_args)
         sum_g, sum_gd = ops.batch_norm_reduce_grad(g, x, mean)
         grad_args = (g, x, w, mean, invstd, coef, sparse_index, sparse_coef, sum_g, sum_gd, m, norm, p, 0)
-        exact = dict(rtol=0, atol=0) if norm not in ("l2", "l1", "p") else dict(rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(ops.batch_norm_apply(x, mean, invstd, w, b), y, **exact)
-        torch.testing.assert_close(ops.batch_norm_apply_grad(*grad_args), xr.grad, **exact)
-        torch.testing.assert_close(sum_gd * invstd, wr.grad, **exact)
+        close = dict(rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ops.batch_norm_apply(x, mean, invstd, w, b), y, **close)
+        torch.testing.assert_close(ops.batch_norm_apply_grad(*grad_args), xr.grad, **close)
+        torch.testing.assert_close(sum_gd * invstd, wr.grad, **close)
 
         torch.library.opcheck(ops.batch_norm_collect, (x, norm, k, 7))
         torch.library.opcheck(ops.batch_norm_deviations, (x, total / m, norm, p))
@@ -291,6 +291,21 @@ def test_stage_operators_pass_opcheck_and_equal_the_fused_operator():
         torch.library.opcheck(ops.batch_norm_apply, (x, mean, invstd, w, b))
         torch.library.opcheck(ops.batch_norm_reduce_grad, (g, x, mean))
         torch.library.opcheck(ops.batch_norm_apply_grad, grad_args)
+
+
+def test_stage_collect_sums_a_constant_channel_exactly():
+    """batch_norm_collect's total is what the processes add: for a constant float32 channel
+    it is value * m exactly (sums of x - p, p * m added in double), so the mean, and d = 0,
+    are exact across processes too. Float sums of x left 12345.678's total off."""
+    import lpnorm  # noqa: F401  (registers the operators)
+
+    ops = torch.ops.lpnorm
+    x = torch.full((64, 2, 5), 12345.678)
+    x[:, 1] = torch.randn(64, 5, generator=torch.Generator().manual_seed(1))
+    for norm in ("l1", "linf", "topk"):
+        total, _, _ = ops.batch_norm_collect(x, norm, 3, 0)
+        assert total[0].item() == float(x[0, 0, 0]) * 320, norm
+        assert abs(total[1].item() - float(x[:, 1].double().sum())) < 1e-4, norm  # float lanes
 
 
 def test_stage_operators_power_p_beyond_float_in_double():

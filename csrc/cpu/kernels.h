@@ -2,8 +2,8 @@
 // once per instruction set; dispatch.cpp picks the best build this CPU runs at run time.
 //
 // Every norm goes through the same passes:
-//   collect_stats       sums and per-chunk extreme values           (one read of x)
-//                       (or, for l2, shifted sums of x and x^2 around a pivot)
+//   collect_stats       sums of x - p around a pivot p (l2: and of (x - p)^2) and
+//                       per-chunk extreme values                    (one read of x)
 //   collect_deviations  sum |x - mean|^q and sum phi(x - mean)      (dense norms only)
 //   apply_affine        y = (x - mean) * scale + bias, per channel
 //   reduce_grad         sum g and sum g * (x - mean)
@@ -43,9 +43,9 @@ struct StatsArgs {
   double* sum;                    // [C]
   core::Candidate* largest;       // [C][chunks][per_end]
   core::Candidate* smallest;      // [C][chunks][per_end], values negated
-  // The dense norms' shifted sums: with a pivot, the pass picks p per channel (the mean of its
-  // first elements, written here), and `sum` gets sum (x - p); with sum_sq too (l2's one
-  // pass), sum (x - p)^2.
+  // The shifted sums: with a pivot, the pass picks p per channel (the mean of its first
+  // elements, written here), and `sum` gets sum (x - p); with sum_sq too (l2's one pass),
+  // sum (x - p)^2. Without, `sum` gets sum x.
   double* pivot = nullptr;        // [C]
   double* sum_sq = nullptr;       // [C]
   // The fused forward's pick (tiles that hold whole channels), [C][chunks][per_end]: the

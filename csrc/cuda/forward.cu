@@ -126,31 +126,58 @@ struct StatsAcc<A, 0> {
   }
 };
 
-struct NoContext {};
+// ---- channel_pivots: the value collect_stats sums x - p around --------------------------------
+// As the CPU's: the mean of the channel's first (flat) elements, rounded to the accumulation
+// type; 0 where that is not finite. The partial sums are then of x - p, which a constant
+// channel makes exact zeros (float sums of x left a large constant's mean ulps off, every d
+// that error, normalized to O(1)), and which keep few of the mean's bits where |mean| >> sigma.
+
+template <typename T>
+__global__ void channel_pivots_kernel(const T* __restrict__ x, core::ChannelLayout layout, double* pivot) {
+  using A = typename Num<T>::acc;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= layout.C) return;
+  const int64_t first = layout.count() < 8 ? layout.count() : 8;
+  double sum = 0;
+  for (int64_t f = 0; f < first; ++f) {
+    sum += static_cast<double>(Num<T>::load(x[layout.offset(f / layout.S, c, f % layout.S)]));
+  }
+  const double p = first > 0 ? static_cast<double>(static_cast<A>(sum / static_cast<double>(first))) : 0.0;
+  pivot[c] = isfinite(p) ? p : 0.0;
+}
+
+// The channel's total from its partial sums of x - p.
+__device__ __forceinline__ double channel_total(const double* partial, const Geometry& g, const double* pivot,
+                                                int64_t c, int64_t count) {
+  return pivot[c] * static_cast<double>(count) + combine(partial, g, c);
+}
 
 template <typename T, int V, int CAP>
 struct StatsOp {
   using A = typename Num<T>::acc;
   using Acc = StatsAcc<A, CAP>;
-  using Ctx = NoContext;
+  struct Ctx {
+    A pivot;
+  };
   struct Loaded {
     A v[V];
   };
 
   const T* __restrict__ x;
-  double* partial_sum;           // [C][chunks][splits]
+  const double* pivot;           // [C], channel_pivots_kernel's
+  double* partial_sum;           // [C][chunks][splits], of x - pivot
   core::Candidate* partial_hi;   // [C][chunks][splits][per_end]
   core::Candidate* partial_lo;
   int per_end;
 
-  __device__ __forceinline__ Ctx context(int64_t) const { return {}; }
+  __device__ __forceinline__ Ctx context(int64_t c) const { return {static_cast<A>(pivot[c])}; }
   __device__ __forceinline__ Loaded load(int64_t offset) const {
     Loaded l;
     load_pack<T, V>(x + offset, l.v);
     return l;
   }
-  __device__ __forceinline__ void add(Acc& acc, const Ctx&, const Loaded& l, int i, int32_t flat) const {
-    acc.sum += l.v[i];
+  __device__ __forceinline__ void add(Acc& acc, const Ctx& ctx, const Loaded& l, int i, int32_t flat) const {
+    acc.sum += l.v[i] - ctx.pivot;
     if constexpr (CAP > 0) {
       acc.hi.offer(l.v[i], flat);
       acc.lo.offer(-l.v[i], flat);
@@ -250,6 +277,7 @@ struct AffineOp {
 
 struct MeansArgs {
   const double* sum_partial;  // of collect_stats
+  const double* pivot;
   Geometry geo;
   int64_t count, channels;
   double* mean;
@@ -260,7 +288,7 @@ __global__ void channel_means_kernel(MeansArgs a) {
   if (c >= a.channels) return;
   core::ChannelSums sums;
   sums.count = a.count;
-  sums.sum = combine(a.sum_partial, a.geo, c);
+  sums.sum = channel_total(a.sum_partial, a.geo, a.pivot, c, a.count);
   a.mean[c] = core::channel_mean(sums);
 }
 
@@ -270,6 +298,7 @@ struct FinishArgs {
   ForwardArgs f;
   Geometry stats_geo;
   const double* sum_partial;
+  const double* pivot;
   const core::Candidate* partial_hi;
   const core::Candidate* partial_lo;
   Geometry dev_geo;
@@ -292,7 +321,7 @@ __global__ void finish_channels_kernel(FinishArgs a) {
   if (f.batch_stats) {
     core::ChannelSums sums;
     sums.count = m;
-    if (m > 0) sums.sum = combine(a.sum_partial, a.stats_geo, c);
+    if (m > 0) sums.sum = channel_total(a.sum_partial, a.stats_geo, a.pivot, c, m);
     if (m > 0 && f.spec.uses_deviation_sums()) {
       sums.deviation_sum = combine(a.dev.a, a.dev_geo, c);
       sums.phi_sum = combine(a.dev.b, a.dev_geo, c);
@@ -395,6 +424,7 @@ ForwardPlan plan_forward(const ForwardArgs& a) {
 }
 
 struct ForwardWorkspace {
+  double* pivot;  // [C]
   double* sum_partial;
   core::Candidate* partial_hi;
   core::Candidate* partial_lo;
@@ -412,6 +442,7 @@ ForwardWorkspace carve_forward(const ForwardArgs& a, const ForwardPlan& p, void*
   Bump bump{static_cast<unsigned char*>(base)};
   ForwardWorkspace w;
   const int64_t C = a.layout.C, chunks = p.stats.geo.chunks;
+  w.pivot = bump.take<double>(p.element_passes ? C : 0);
   w.sum_partial = bump.take<double>(p.stats.partials());
   w.partial_hi = bump.take<core::Candidate>(p.stats.partials() * p.per_end);
   w.partial_lo = bump.take<core::Candidate>(p.stats.partials() * p.per_end);
@@ -459,6 +490,8 @@ cudaError_t batch_norm_forward(const ForwardArgs& a, void* workspace, cudaStream
     using A = typename Num<T>::acc;
     const T* x = static_cast<const T*>(a.x);
     if (plan.element_passes) {
+      channel_pivots_kernel<T><<<channel_blocks(a.layout.C, kChannelThreads), kChannelThreads, 0, stream>>>(
+          x, a.layout, w.pivot);
       // collect_stats
       with_capacity(plan.capacity, [&](auto cap_tag) {
         constexpr int CAP = decltype(cap_tag)::value;
@@ -466,14 +499,14 @@ cudaError_t batch_norm_forward(const ForwardArgs& a, void* workspace, cudaStream
           constexpr int V = decltype(vec_tag)::value;
           if constexpr (CAP <= 1 || V == 1) {
             using Op = StatsOp<T, V, CAP>;
-            const Op op{x, w.sum_partial, w.partial_hi, w.partial_lo, static_cast<int>(plan.per_end)};
+            const Op op{x, w.pivot, w.sum_partial, w.partial_hi, w.partial_lo, static_cast<int>(plan.per_end)};
             launch_reduce<Op, V>(plan.stats, op, stream);
           }
         });
       });
       // collect_deviations (dense norms), around the means
       if (a.spec.uses_deviation_sums()) {
-        const MeansArgs means{w.sum_partial, plan.stats.geo, m, a.layout.C, w.mean};
+        const MeansArgs means{w.sum_partial, w.pivot, plan.stats.geo, m, a.layout.C, w.mean};
         channel_means_kernel<<<channel_blocks(a.layout.C, kChannelThreads), kChannelThreads, 0, stream>>>(means);
         with_phi(a.spec.phi(), [&](auto phi_tag) {
           constexpr core::PhiKind PHI = decltype(phi_tag)::value;
@@ -489,7 +522,7 @@ cudaError_t batch_norm_forward(const ForwardArgs& a, void* workspace, cudaStream
       }
     }
     // finish_channels
-    FinishArgs finish{a, plan.stats.geo, w.sum_partial, w.partial_hi, w.partial_lo, plan.deviations.geo, w.dev,
+    FinishArgs finish{a, plan.stats.geo, w.sum_partial, w.pivot, w.partial_hi, w.partial_lo, plan.deviations.geo, w.dev,
                       w.hi, w.lo, w.pool, w.mean, w.scale, w.bias};
     if (a.stats_dtype == Dtype::Float64) {
       finish_channels_kernel<double><<<channel_blocks(a.layout.C, kChannelThreads), kChannelThreads, 0, stream>>>(finish);

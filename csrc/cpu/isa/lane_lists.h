@@ -160,11 +160,14 @@ struct LaneLists {
   // since the last flush are the whole channel, before that flush, and the network keeps a
   // bound (select_rows); past kMaxLevels, for one chunk (`one_chunk`), the copies are sorted
   // instead (sort_picks) where that pays.
-  void cover_deviations(const double* sums, int64_t channels, int64_t count, bool one_chunk) {
+  // The means are core's: pivot + sums / count (the sums of x - pivot; no pivot: of x).
+  void cover_deviations(const double* sums, const double* pivot, int64_t channels, int64_t count, bool one_chunk) {
     if (!dense || levels <= 1 || count <= 0) return;
     if (levels > kMaxLevels && !(one_chunk && sorting_pays(count, per_end))) return;
     exact_means.assign(static_cast<size_t>(groups * W), 0.0);
-    for (int64_t c = 0; c < channels; ++c) exact_means[c] = sums[c] / static_cast<double>(count);  // core::channel_mean
+    for (int64_t c = 0; c < channels; ++c) {
+      exact_means[c] = (pivot != nullptr ? pivot[c] : 0.0) + sums[c] / static_cast<double>(count);
+    }
   }
   bool by_deviation() const { return !exact_means.empty(); }
   // Sorting a lane's m copies (sort_picks: n log2(n) (log2(n) + 1) / 4 compare-exchanges, n = m

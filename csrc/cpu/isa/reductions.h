@@ -317,7 +317,9 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
       // (t0: the sums of one part, all of the channel).
       if (ext.picked != nullptr && (ext.chunks == 1 || chunk_picks) && parts.count == 1 && next_row == t.row_end &&
           lists.base == 0 && t.row_end == l.count()) {
-        lists.cover_deviations(t0.data(), channels, l.count(), ext.chunks == 1);
+        // (`mean`: the stats pass's pivot, if any.)
+        lists.cover_deviations(t0.data(), mean != nullptr ? mean + t.c_begin : nullptr, channels, l.count(),
+                               ext.chunks == 1);
       }
       if (chunk_picks && next_row == t.row_end && lists.by_deviation()) {
         lists.pick_chunks(ext, tail, t.c_begin, ext.picked + t.c_begin * ext.chunks * ext.per_end, ext.chunks,

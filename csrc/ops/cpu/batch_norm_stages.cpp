@@ -105,15 +105,20 @@ std::tuple<Tensor, Tensor, Tensor> collect_cpu(const Tensor& input, c10::string_
   const int64_t per_end = spec.extremes_per_end();
   const cpu::Dtype dtype = stage_dtype(x, "batch_norm_collect");
   const Plan plan = make_plan(layout, x.element_size(), 1, per_end > 1);
-  std::vector<double> sums(plan.parts * channels);
+  // Sums of x - p around a pivot p from each channel's first elements, as the fused operator's,
+  // then p * m added back in double (exact for a float pivot): the processes add plain sums,
+  // and a constant channel's total is exact.
+  std::vector<double> sums(plan.parts * channels), pivots(sums.size());
   std::vector<core::Candidate> largest(plan.parts * channels * per_end), smallest(largest.size());
   const cpu::Kernels& kernels = cpu::kernels();
   for_each_tile_run(plan, [&](const Tile* tiles, int64_t count, int64_t part) {
-    const cpu::StatsArgs args{layout, dtype, x.const_data_ptr(), 1, per_end, sums.data() + part * channels,
-                              largest.data() + part * channels * per_end, smallest.data() + part * channels * per_end};
+    cpu::StatsArgs args{layout, dtype, x.const_data_ptr(), 1, per_end, sums.data() + part * channels,
+                        largest.data() + part * channels * per_end, smallest.data() + part * channels * per_end};
+    args.pivot = pivots.data() + part * channels;
     kernels.collect_stats(args, tiles, count);
   });
   combine_sums(sums.data(), channels, plan.parts);
+  for (int64_t c = 0; c < channels; ++c) sums[c] += pivots[c] * static_cast<double>(layout.count());
   if (per_end > 0) {
     combine_extremes(largest.data(), channels, plan.parts, per_end, per_end);
     combine_extremes(smallest.data(), channels, plan.parts, per_end, per_end);
