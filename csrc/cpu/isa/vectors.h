@@ -185,6 +185,23 @@ LPNORM_INLINE int compress(M id, uint32_t mask, R* out) {
 #endif
 }
 
+// acc + add in the lanes set in mask (AVX-512: one masked add, the mask straight from the
+// compare's register).
+template <typename M>
+LPNORM_INLINE M add_where(M acc, uint32_t mask, M add) {
+#if defined(__AVX512F__)
+  const __m512i a = reinterpret_cast<__m512i>(acc), b = reinterpret_cast<__m512i>(add);
+  if constexpr (sizeof(acc[0]) == 4) {
+    return reinterpret_cast<M>(_mm512_mask_add_epi32(a, static_cast<__mmask16>(mask), a, b));
+  } else {
+    return reinterpret_cast<M>(_mm512_mask_add_epi64(a, static_cast<__mmask8>(mask), a, b));
+  }
+#else
+  for (; mask != 0; mask &= mask - 1) acc[__builtin_ctz(mask)] += add[__builtin_ctz(mask)];
+  return acc;
+#endif
+}
+
 // Lane-wise square root (of |d|: no negative lanes).
 template <typename V>
 LPNORM_INLINE V vsqrt(V v) {
