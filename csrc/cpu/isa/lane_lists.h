@@ -685,12 +685,14 @@ struct LaneLists {
     int taken[W];
     deal_to_slots(gi, kept, A(1), taken);
     uint32_t pickable = finite;
-    int most = 0;
     for (int i = 0; i < W; ++i) {
       if (taken[i] > S || taken[i] < P) pickable &= ~(1u << i);
-      most = std::max(most, std::min(taken[i], S));
     }
     for (int h = 0; h * D < W; ++h) {  // D lanes at a time, in double
+      // Slots to rank: the most any pickable lane of these D holds (the others go to
+      // select_lane_exact, whatever their slots say).
+      int most = 0;
+      for (int l = 0; l < D; ++l) most = (pickable >> (h * D + l) & 1) != 0 ? std::max(most, taken[h * D + l]) : most;
       VD lane_mean;
       std::memcpy(&lane_mean, exact_means.data() + gi * W + h * D, sizeof lane_mean);
       VI64 count;
