@@ -31,7 +31,7 @@ def refuse_fx_symbolic_trace(module: torch.nn.Module) -> None:
     if _is_fx_symbolic_tracing():
         raise RuntimeError(
             f"{type(module).__name__} is a leaf of a symbolic trace, as torch's BatchNorm*d: trace with "
-            f"lpnorm.fx.symbolic_trace(model), or give your tracer leaf_modules=lpnorm.fx.LEAF_MODULES")
+            f"lpnorm.fx.symbolic_trace(model), or give your tracer leaf_modules=list(lpnorm.fx.LEAF_MODULES)")
 
 
 def check_norm_options(norm: str, k: int, p: float, chunks: int, constant: str, accumulate: str = "float") -> None:
