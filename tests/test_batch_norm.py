@@ -491,6 +491,22 @@ def test_constant_channel_of_a_large_value_normalizes_to_bias(norm_kwargs, value
     assert y[:, 1].std() > 0.5
 
 
+@pytest.mark.parametrize("norm_kwargs", [dict(norm="linf"), dict(norm="topk", k=3), dict(norm="range"),
+                                         dict(norm="p", p=3.0)], ids=["linf", "topk", "range", "p3"])
+@pytest.mark.parametrize("schedule", ["fused", "split"])
+def test_pivot_near_the_largest_float_is_not_taken(norm_kwargs, schedule, monkeypatch):
+    """The sums are of x - p around a pivot from the channel's first elements, but not where p
+    is near float's largest value: first elements of -3e38 and later ones of +3e38 gave
+    x - p = inf, an inf mean and a NaN output, where the float64 result is +-O(1)."""
+    monkeypatch.setenv("LPNORM_CPU_SCHEDULE", schedule)
+    x = torch.randn(2, 2, 16, generator=torch.Generator().manual_seed(0))
+    x[0, 0], x[1, 0] = -3e38, 3e38
+    y = lpnorm.functional.batch_norm(x, None, None, training=True, **norm_kwargs)
+    expected = lpnorm.functional.batch_norm(x.double(), None, None, training=True, **norm_kwargs)
+    assert expected[:, 0].abs().min() > 0.5
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("row", [0, 7], ids=["first-element", "last-element"])
 @pytest.mark.parametrize("bad", [math.inf, -math.inf], ids=["inf", "-inf"])
 @devices_param()

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "cpu/isa/build.h"
@@ -81,11 +82,13 @@ void collect_stats(const StatsArgs& a, const Tile* tiles, int64_t count) {
         }
       }
       // The mean of those (first >= 1: the tile has rows), then its copies for the other
-      // parts: loops of their own, which vectorize. A pivot of inf would make every x - p NaN
-      // and the mean NaN where torch's is inf: 0 instead (no shift) where it is not finite.
+      // parts: loops of their own, which vectorize. 0 (no shift) where the pivot is not finite
+      // (every x - p NaN, the mean NaN where torch's is inf) or near the type's largest value
+      // (x - p of the other sign would overflow: -3e38 then +3e38 in float32 gave an inf mean).
+      constexpr double kLargestPivot = static_cast<double>(std::numeric_limits<AccOf<T>>::max()) / 4;
       for (int64_t c = t.c_begin; c < t.c_end; ++c) {
         const double p = static_cast<double>(static_cast<AccOf<T>>(a.pivot[c] / static_cast<double>(first)));
-        a.pivot[c] = std::isfinite(p) ? p : 0.0;
+        a.pivot[c] = std::abs(p) <= kLargestPivot ? p : 0.0;  // NaN too
       }
       for (int64_t j = 1; j < count; ++j) {
         std::copy(a.pivot + t.c_begin, a.pivot + t.c_end, a.pivot + j * C + t.c_begin);

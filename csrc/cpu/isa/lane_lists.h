@@ -332,7 +332,7 @@ struct LaneLists {
   // lane, a candidate waited on the last one of its lane: (256, 1024) topk forward, 1 thread,
   // 1/5 of pick_from_copies.)
   static constexpr int kIdBits = 16;
-  static_assert((kMaxCopies + kBlockRows) * 16 <= (int64_t{1} << kIdBits), "ids fit below the slots");
+  static_assert((kMaxCopies + kBlockRows) * W <= (int64_t{1} << kIdBits), "ids fit below the slots");
   struct Kept {
     R* ids;
     int64_t count = 0;
