@@ -1,8 +1,8 @@
 """CPU speed of lpnorm's batch norm against torch's, a clone of the input and the composite
 PyTorch L1 batch norm (mean, absolute deviation, divide: what the paper's code does).
 
-Every row is measured in one process, the contenders interleaved round by round (the median
-of each round, the best round kept), so the ratios hold on a busy machine even when the
+Every row is measured in one process, the contenders interleaved block by block (blocks of
+~20 ms, the fastest block of each kept), so the ratios hold on a busy machine even when the
 absolute times do not. Training mode (batch statistics, running statistics updated), affine.
 
     python benchmarks/bench_cpu.py                       # the table of docs/cpu-performance.md
@@ -90,8 +90,10 @@ def statements(fn, x, w, b, g):
 
 
 def measure(stmts, rounds, min_run_time):
-    """{name: seconds}: each round times every statement (interleaved) in short blocks; the
-    fastest block over all rounds is kept, the estimate least disturbed by other processes."""
+    """{name: seconds}: each round times every statement in short blocks, one block of each in
+    turn (a burst of other work then slows every contender alike, not the one whose blocks it
+    fell on); the fastest block over all rounds is kept, the estimate least disturbed by other
+    processes."""
     clock = time.thread_time if CPU_TIME else time.perf_counter
     timers = {name: benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads(), timer=clock)
               for name, fn in stmts.items()}
@@ -99,8 +101,8 @@ def measure(stmts, rounds, min_run_time):
     best = {}
     blocks = max(1, int(min_run_time / 0.02))
     for _ in range(rounds):
-        for name, timer in timers.items():
-            for _ in range(blocks):
+        for _ in range(blocks):
+            for name, timer in timers.items():
                 best[name] = min(best.get(name, math.inf), timer.timeit(number[name]).mean)
     return best
 
