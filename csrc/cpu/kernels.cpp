@@ -94,18 +94,16 @@ void collect_stats(const StatsArgs& a, const Tile* tiles, int64_t count) {
         std::copy(a.pivot + t.c_begin, a.pivot + t.c_end, a.pivot + j * C + t.c_begin);
       }
     }
+    // Shifted whether or not there is a pivot (none: a shift by 0, the plain sum x), so each
+    // walk is built once.
     if (a.per_end > 0) {
-      // Shifted whether or not there is a pivot (none: a shift by 0, the plain sum), so the
-      // lists' walks are built once.
       const Extremes<AccOf<T>> ext{a.largest, a.smallest, a.chunks, a.per_end, a.layout.count() / a.chunks,
                                    a.picked, unset};
       reduce_parts<T>(a.layout, parts, a.x, a.pivot, ShiftedSumOp{}, ext, a.sum, nullptr);
     } else if (a.sum_sq != nullptr) {
       reduce_parts<T>(a.layout, parts, a.x, a.pivot, ShiftedSumsOp{}, NoExtremes{}, a.sum, a.sum_sq);
-    } else if (a.pivot != nullptr) {
-      reduce_parts<T>(a.layout, parts, a.x, a.pivot, ShiftedSumOp{}, NoExtremes{}, a.sum, nullptr);
     } else {
-      reduce_parts<T>(a.layout, parts, a.x, nullptr, SumOp{}, NoExtremes{}, a.sum, nullptr);
+      reduce_parts<T>(a.layout, parts, a.x, a.pivot, ShiftedSumOp{}, NoExtremes{}, a.sum, nullptr);
     }
   });
 }

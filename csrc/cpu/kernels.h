@@ -51,8 +51,8 @@ struct StatsArgs {
   // The fused forward's pick (tiles that hold whole channels), [C][chunks][per_end]: the
   // pass may pick a chunk's per_end largest |x - mean| itself (core::ChannelSums::picked;
   // entry 0's index stays core::kNotPicked where it does not), and with one chunk the lists
-  // need only hold what can be among them, the mean being pivot + sum / count: a list may stop early,
-  // always at a prefix of the full list.
+  // need only hold what can be among them, the mean being pivot + sum / count: a list may stop
+  // early, always at a prefix of the full list.
   core::Deviation* picked = nullptr;
 };
 

@@ -5,8 +5,9 @@
 // forward or backward call never waits for the GPU.
 //
 // Forward, batch statistics:
-//   collect_stats        per (channel, chunk): sum of x and, for linf/topk/range, the per_end
-//                        largest and smallest values with their flat indices
+//   channel_pivots       each channel's pivot p (the mean of its first 8 elements, as the CPU's)
+//   collect_stats        per (channel, chunk): sum of x - p and, for linf/topk/range, the
+//                        per_end largest and smallest values with their flat indices
 //   channel_means        dense norms: each channel's mean, once
 //   collect_deviations   dense norms: sum |x - mean|^q and sum phi(x - mean)
 //   finish_channels      core::channel_statistics_with per channel: saved tensors, sparse

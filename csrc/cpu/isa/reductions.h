@@ -14,16 +14,8 @@
 namespace lpnorm::cpu::LPNORM_ISA_NAMESPACE {
 namespace {
 
-struct SumOp {
-  static constexpr bool kRowsWhenFetched = true;  // see reduce_channels_innermost
-  template <typename V>
-  LPNORM_INLINE void operator()(V x, V, V, V& s0, V&) const {
-    s0 += x;
-  }
-};
-
 struct ShiftedSumsOp {  // around a pivot close to the mean, so the squares barely cancel
-  static constexpr bool kRowsWhenFetched = true;
+  static constexpr bool kRowsWhenFetched = true;  // see reduce_channels_innermost
   template <typename V>
   LPNORM_INLINE void operator()(V x, V, V pivot, V& s0, V& s1) const {
     const V d = x - pivot;
@@ -32,7 +24,7 @@ struct ShiftedSumsOp {  // around a pivot close to the mean, so the squares bare
   }
 };
 
-struct ShiftedSumOp {  // the sum alone (l1, p: their deviations take a pass of their own)
+struct ShiftedSumOp {  // the sum alone (every norm but l2's one pass; a pivot of 0: the sum of x)
   static constexpr bool kRowsWhenFetched = true;
   template <typename V>
   LPNORM_INLINE void operator()(V x, V, V pivot, V& s0, V&) const {
