@@ -112,6 +112,14 @@ struct GradApplyArgs {
 enum class Walk { ChannelMajor, ChannelsInnermost };
 Walk walk_of(const Layout& layout);
 
+// The element passes stream whole lines of output runs at least this long (where the output
+// is streamed at all). Contiguous channel-major planes shorter than this are walked as one run
+// of several channels' planes where a tile holds whole planes of several channels.
+constexpr int64_t kStreamRunBytes = 4096;
+inline bool short_contiguous_planes(const Layout& l, int64_t element_bytes) {
+  return l.S > 1 && l.stride_s == 1 && l.stride_c == l.S && l.S * element_bytes < kStreamRunBytes;
+}
+
 struct Kernels {
   const char* isa;
   // Over `count` consecutive row parts of one channel range (tiles[j + 1] starts where

@@ -214,7 +214,6 @@ LPNORM_INLINE void store_vector(T* p, VecOf<T> v, bool stream) {
 }
 
 constexpr uintptr_t kLineBytes = 64;
-constexpr int64_t kStreamRunBytes = 4096;
 
 // Orders this thread's non-temporal stores before whatever it stores next.
 LPNORM_INLINE void stream_fence(bool stream) {
