@@ -150,21 +150,22 @@ def test_channel_major_beyond_caches(isa, norm_kwargs):
 @pytest.mark.parametrize("stream", ["0", "1"])
 @pytest.mark.parametrize("norm_kwargs", [dict(norm="l2"), dict(norm="l1"), dict(norm="topk", k=3)], ids=["l2", "l1", "topk"])
 @pytest.mark.parametrize("shape,layout", [((5, 7, 13, 3), contiguous), ((5, 7, 13, 3), misaligned), ((3, 9, 4, 4), contiguous),
-                                          ((4, 6, 17, 1), misaligned), ((2, 512, 14, 14), contiguous)],
-                         ids=["39", "39-misaligned", "16", "17-misaligned", "2-samples-512-channels"])
+                                          ((3, 9, 4, 4), misaligned), ((4, 6, 17, 1), misaligned),
+                                          ((2, 512, 14, 14), contiguous)],
+                         ids=["39", "39-misaligned", "16", "16-misaligned", "17-misaligned", "2-samples-512-channels"])
 def test_short_planes_walked_as_one_run(isa, schedule, shape, layout, norm_kwargs, stream, dtype, monkeypatch):
     """Short contiguous planes of several channels are walked as one run: vectors straddle two
     channels' planes (lanes of each take their channel's parameters), whole lines are streamed
-    from the first aligned one. Plane sizes around a vector (16, 17, 39 elements), at every
-    alignment; (2, 512, 14, 14) has fewer samples than the evaluation's blocks, which then
-    hold one sample's channels each."""
+    from the first aligned one; a plane of whole lines (16 float32) is streamed on its own. Plane
+    sizes around a vector (16, 17, 39 elements), at every alignment; (2, 512, 14, 14) has fewer
+    samples than the evaluation's blocks, which then hold one sample's channels each."""
     monkeypatch.setenv("LPNORM_CPU_STREAM", stream)
     check(layout(batch(shape, dtype)), norm_kwargs, steps=1)
 
 
 def test_short_planes_beyond_caches(isa):
-    """(48, 128, 14, 14) float32, 4.8 MB: the fused forward leaves its element pass to one
-    streamed pass over whole samples in memory order."""
+    """(48, 128, 14, 14) float32, 4.8 MB: fused tiles of 4 channels, whose 784-byte planes
+    are whole lines together, streamed."""
     x = batch((48, 128, 14, 14), torch.float32)
     assert x.numel() * x.element_size() >= 4 << 20
     check(x, dict(norm="l1"), steps=1)

@@ -160,13 +160,19 @@ void map_channel_major(const Layout& l, const Tile& t, const T* x, const T* g, T
       const T* px = x + offset;
       const T* pg = g != nullptr ? g + offset : nullptr;
       T* po = out + offset;
+      // Streamed: whole cache lines of long contiguous runs, or of runs that are whole lines
+      // (see kStreamRunBytes).
+      const auto address = reinterpret_cast<uintptr_t>(po);
+      const int64_t bytes = length * static_cast<int64_t>(sizeof(T));
+      const bool streams_run = stream && stride == 1 &&
+                            (bytes >= kStreamRunBytes || (address % kLineBytes == 0 && bytes % kLineBytes == 0));
       if (!memory_order) {
         prefetch_next_plane(l, px, stride, length);
         if (pg != nullptr) prefetch_next_plane(l, pg, stride, length);
-        // The output's lines only where it is written past the caches (streamed): (8,512,14,14)
-        // float32, 1 thread, backward 334-339 -> 301-328 us without them; (32,2048,7,7) had
-        // been 10% slower without any.
-        if (stream) prefetch_next_plane<true>(l, po, stride, length);
+        // The output's lines where it is written past the caches but not streamed:
+        // (8,512,14,14) float32, 1 thread, backward 334-339 -> 301-328 us without them;
+        // (32,2048,7,7) had been 10% slower without any.
+        if (stream && !streams_run) prefetch_next_plane<true>(l, po, stride, length);
       }
       // Elements [begin, end) of the run: whole vectors (streamed or not), then a partial one.
       // Inlined by force: with three callers GCC kept it out of line once this file grew, and
@@ -197,12 +203,7 @@ void map_channel_major(const Layout& l, const Tile& t, const T* x, const T* g, T
           store_run(po + i * stride, stride, n, op(load_run(px + i * stride, stride, n), gv, k));
         }
       };
-      // Stream whole cache lines of long contiguous runs only: a line written partly by
-      // streaming stores and partly by ordinary ones (short planes, run ends) costs more
-      // than it saves (measured: (128,256,14,14) bfloat16 forward 1.3 -> 2.3x torch).
-      const auto address = reinterpret_cast<uintptr_t>(po);
-      if (stream && stride == 1 && length * static_cast<int64_t>(sizeof(T)) >= kStreamRunBytes &&
-          address % sizeof(T) == 0) {
+      if (streams_run) {
         const int64_t head = static_cast<int64_t>((kLineBytes - address % kLineBytes) % kLineBytes / sizeof(T));
         const int64_t body_end = head + (length - head) / W * W;
         span(std::false_type{}, 0, head);

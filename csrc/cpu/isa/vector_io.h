@@ -213,7 +213,6 @@ LPNORM_INLINE void store_vector(T* p, VecOf<T> v, bool stream) {
   Io<T>::store(p, v);
 }
 
-constexpr uintptr_t kLineBytes = 64;
 
 // Orders this thread's non-temporal stores before whatever it stores next.
 LPNORM_INLINE void stream_fence(bool stream) {

@@ -468,7 +468,6 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
     };
 
     if (plan.fused) {  // every pass of a tile (one channel, or a span of channels) while in cache
-      const bool apply_after = applies_after_stats(layout, x.element_size(), stream);
       const int64_t scratch = core::deviation_scratch_size(spec);
       for_each_tile(plan, [&](const Tile& t, int64_t) {
         kernels.collect_stats(stats_args(0), &t, 1);
@@ -477,11 +476,8 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
         core::Deviation pool_on_stack[64];  // the top-k pick's scratch (2k entries): no allocation up to k = 32
         std::vector<core::Deviation> pool_on_heap(scratch > 64 ? scratch : 0);
         finish_channels(t.c_begin, t.c_end, scratch > 64 ? pool_on_heap.data() : pool_on_stack);
-        if (!apply_after) affine(t);
+        affine(t);
       });
-      if (apply_after) {
-        for_each_tile(make_apply_plan(layout, x.element_size(), std::move(plan)), [&](const Tile& t, int64_t) { affine(t); });
-      }
     } else {
       for_each_tile_run(plan, [&](const Tile* tiles, int64_t count, int64_t part) {
         kernels.collect_stats(stats_args(part), tiles, count);

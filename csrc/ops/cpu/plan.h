@@ -132,31 +132,31 @@ inline Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64
   // for the backward, 2.9-3.0 -> 3.05-3.35 ms, so larger tensors keep a tile per channel.
   const int64_t channel_bytes = std::max<int64_t>(1, m * element_bytes * streams);
   const bool group_channels = plan.fused && channel_bytes * l.C <= kGroupedTensorBytes;
-  const int64_t group =
+  int64_t group =
       group_channels ? std::clamp<int64_t>(kFusedTileBytes / channel_bytes, 1, std::max<int64_t>(1, l.C / kMinTasks)) : 1;
+  // A streamed output of short planes: a tile takes whole lines' worth of planes (from a
+  // channel whose plane starts a line), so each sample's run of them is streamed whole
+  // (map_planes_as_one_run); a plane at a time, y and grad_x were written with ordinary
+  // stores, each line read first, and evicted x from L3. 2 threads, fused tiles of 1 -> G
+  // channels: (128,256,14,14) float32 (G = 4) forward 1.31-1.36 -> 0.98-1.13 ms, backward
+  // 1.98-2.00 -> 1.90-1.92; bfloat16 (G = 8) backward 1.02 -> 0.82-0.88; (512,256,7,7)
+  // float32 (G = 16) backward 2.74-2.80 -> 2.32-2.73. Planes of fewer than 16 elements
+  // (shorter than a vector) are left alone; 28 x 28 float32 planes are whole lines (G = 1).
+  const int64_t lines = cpu::planes_in_whole_lines(l, element_bytes);
+  if (plan.fused && lines > 1 && l.S >= 16 && l.C / lines >= kMinTasks && streams_output(m * l.C * element_bytes)) {
+    group = (group + lines - 1) / lines * lines;
+  }
   for (int64_t c = 0; c < l.C; c += group) {
     for (int64_t p = 0; p < plan.parts; ++p) add(c, std::min(l.C, c + group), p);
   }
   return plan;
 }
 
-// Whether the fused forward leaves its element pass to one pass over make_apply_plan's tiles
-// (in memory order, x read again): where short contiguous planes keep it from streaming its
-// output a channel at a time, so each line of y was read before it was written and y evicted
-// x from L3. Float32 forward at 2 threads: (128,256,14,14) 1.05-1.30 -> 0.84-1.18 ms,
-// (32,256,28,28) 1.07-1.17 -> 0.96-1.05, (512,256,7,7) 2.06-2.16 -> 1.35-1.52; bfloat16
-// (128,256,14,14) 0.65-0.93 -> 0.50-0.70. The backward keeps its element pass in the fused
-// tiles: there g and x both, read again, cost more than the streamed output saves
-// ((128,256,14,14) 1.88-1.92 -> 2.02-2.27 ms; only 7x7 planes gained, 2.8 -> 2.5).
-inline bool applies_after_stats(const core::ChannelLayout& l, int64_t element_bytes, bool stream) {
-  return stream && cpu::short_contiguous_planes(l, element_bytes);
-}
-
 // The tiles of an element-wise pass that runs alone (evaluation; the split schedule's last
-// pass; the fused forward's, applies_after_stats): channel-major layouts in blocks of whole
-// samples across every channel (or, with fewer samples than blocks, of one sample's
-// channels), which the kernels walk in memory order; a channel at a time, short planes C
-// planes apart wait on memory one by one. Channels-innermost tiles already run in memory order.
+// pass): channel-major layouts in blocks of whole samples across every channel (or, with
+// fewer samples than blocks, of one sample's channels), which the kernels walk in memory
+// order; a channel at a time, short planes C planes apart wait on memory one by one.
+// Channels-innermost tiles already run in memory order.
 constexpr int64_t kApplyTileBytes = int64_t{256} << 10;
 
 // `plan` (the pass's own, its last use: moved in) is returned where it serves.
