@@ -157,10 +157,20 @@ def test_short_planes_walked_as_one_run(isa, schedule, shape, layout, norm_kwarg
     """Short contiguous planes of several channels are walked as one run: vectors straddle two
     channels' planes (lanes of each take their channel's parameters), whole lines are streamed
     from the first aligned one; a plane of whole lines (16 float32) is streamed on its own. Plane
-    sizes around a vector (16, 17, 39 elements), at every alignment; (2, 512, 14, 14) has fewer
+    sizes around a vector (16, 17, 39 elements), x aligned and not; (2, 512, 14, 14) has fewer
     samples than the evaluation's blocks, which then hold one sample's channels each."""
     monkeypatch.setenv("LPNORM_CPU_STREAM", stream)
     check(layout(batch(shape, dtype)), norm_kwargs, steps=1)
+
+
+@pytest.mark.parametrize("shape,dtype", [((1, 1100, 13, 13), torch.float32), ((1, 14578, 18), torch.bfloat16)],
+                         ids=["float32", "bfloat16-across-planes"])
+def test_short_planes_head_before_the_first_whole_line(isa, shape, dtype, monkeypatch):
+    """The evaluation's second tile (channels 550 and 7289 on, of one sample) starts mid-line:
+    ordinary stores up to the first whole line (10 float32 elements in one plane; 30 bfloat16
+    elements, across a plane's end), streamed lines, then a partial last line."""
+    monkeypatch.setenv("LPNORM_CPU_STREAM", "1")
+    check(batch(shape, dtype), dict(norm="l1"), steps=1)
 
 
 def test_short_planes_beyond_caches(isa):

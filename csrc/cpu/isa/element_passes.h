@@ -59,9 +59,10 @@ struct SignedLaneTerms {
 // Whole planes of channels [c_begin, c_end) of a contiguous NCHW tensor lie in one run per
 // sample, and whole samples of every channel in one run: walked as such, a vector whose lanes
 // straddle two planes takes each lane's channel's parameters (S >= W: at most two), and the
-// output's whole lines can be streamed. Plane by plane, a short plane's lines could not be
-// (a line written partly by streaming stores and partly by ordinary ones costs more than it
-// saves), so each line was read before it was written, and the output evicted x from L3.
+// output's whole lines can be streamed: every line of the run where the tile's planes are
+// whole lines together (the fused tiles of plan.h). Plane by plane, a short plane's lines
+// could not be (see kStreamRunBytes), so each was read before it was written, and the output
+// evicted x from L3.
 template <typename T, typename Op, typename Params>
 void map_planes_as_one_run(const Layout& l, const Tile& t, const T* x, const T* g, T* out, const Params& params,
                            const Op& op, bool stream) {
@@ -105,17 +106,18 @@ void map_planes_as_one_run(const Layout& l, const Tile& t, const T* x, const T* 
         load_params(c + 1 == t.c_end ? t.c_begin : c + 1, next);
       }
     };
-    // Ordinary stores up to the first whole line, streamed whole vectors, ordinary stores after.
+    // Ordinary stores up to the first whole line, the whole lines streamed (a line is a whole
+    // number of vectors), ordinary stores after.
+    constexpr int64_t kLine = static_cast<int64_t>(kLineBytes / sizeof(T));
     const auto address = reinterpret_cast<uintptr_t>(out + begin);
-    const int64_t head = std::min<int64_t>(
-        end - begin, stream ? static_cast<int64_t>((kLineBytes - address % kLineBytes) % kLineBytes / sizeof(T)) : 0);
+    const int64_t lines_begin =
+        stream ? std::min(end, begin + static_cast<int64_t>((kLineBytes - address % kLineBytes) % kLineBytes / sizeof(T)))
+               : end;
+    const int64_t lines_end = lines_begin + (end - lines_begin) / kLine * kLine;
     int64_t i = begin;
-    for (; i < begin + head; i += W) piece(std::false_type{}, i, static_cast<int>(std::min<int64_t>(W, begin + head - i)));
-    i = begin + head;
-    if (stream) {
-      for (; i + W <= end; i += W) piece(std::true_type{}, i, W);
-    }
-    for (; i < end; i += W) piece(std::false_type{}, i, static_cast<int>(std::min<int64_t>(W, end - i)));
+    for (; i < lines_begin; i += W) piece(std::false_type{}, i, static_cast<int>(std::min<int64_t>(W, lines_begin - i)));
+    for (i = lines_begin; i < lines_end; i += W) piece(std::true_type{}, i, W);
+    for (i = lines_end; i < end; i += W) piece(std::false_type{}, i, static_cast<int>(std::min<int64_t>(W, end - i)));
   };
   const int64_t n_begin = t.row_begin / l.S, n_end = t.row_end / l.S;
   if (samples_in_one_run) {

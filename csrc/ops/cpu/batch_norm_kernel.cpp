@@ -310,7 +310,7 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
   const void* xp = x.const_data_ptr();
   Tensor output = at::empty_like(x);
   void* yp = output.mutable_data_ptr();
-  const bool stream = streams_output(x.nbytes());
+  const bool stream = streams_output(x.nbytes(), !training);
 
   Scratch scratch;
   const Values<double> w = per_channel(scratch, weight, channels, 1.0), b = per_channel(scratch, bias, channels, 0.0);

@@ -66,11 +66,18 @@ constexpr int64_t kMinFusedSpans = 4;  // tasks of the fused channels-innermost 
 // Outputs this big are written with non-temporal stores: they would not stay in the caches
 // anyway, and the stores skip reading the lines first. LPNORM_CPU_STREAM=0|1 forces it.
 constexpr int64_t kStreamBytes = int64_t{4} << 20;  // measured: helps from 4 MiB (float32, 2 MiB L2 in all)
+// Evaluation reads x alone, and x and y both stay in the L3 (where the next layer finds y)
+// longer. 2 threads, a 32 MiB L3, l1, float32, evaluation alone: (2,3,512,362), 4.4 MB,
+// 0.049-0.053 ms, streamed 0.068 (torch 0.058-0.062); (64,32,32,32), 8.4 MB, 0.10-0.13 either
+// way; (16,64,56,56), 12.8 MB, 0.24-0.30, streamed 0.17-0.18. A training step's x, y, grad
+// and grad_x left the L3 from 8.4 MB (forward+backward 0.87-0.98 -> 0.57-0.65 ms streamed).
+// (glibc's sysconf reported a 384 MiB L3 on this VM, the host's, so the sizes are fixed.)
+constexpr int64_t kEvaluationStreamBytes = int64_t{10} << 20;
 
-inline bool streams_output(int64_t output_bytes) {
+inline bool streams_output(int64_t output_bytes, bool evaluation = false) {
   const char* forced = std::getenv("LPNORM_CPU_STREAM");
   if (forced != nullptr && *forced != '\0') return forced[0] == '1';
-  return output_bytes >= kStreamBytes;
+  return output_bytes >= (evaluation ? kEvaluationStreamBytes : kStreamBytes);
 }
 
 struct Plan {
@@ -141,10 +148,13 @@ inline Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64
   // channels: (128,256,14,14) float32 (G = 4) forward 1.31-1.36 -> 0.98-1.13 ms, backward
   // 1.98-2.00 -> 1.90-1.92; bfloat16 (G = 8) backward 1.02 -> 0.82-0.88; (512,256,7,7)
   // float32 (G = 16) backward 2.74-2.80 -> 2.32-2.73. Planes of fewer than 16 elements
-  // (shorter than a vector) are left alone; 28 x 28 float32 planes are whole lines (G = 1).
+  // (shorter than an AVX-512 vector) are left alone; 28 x 28 float32 planes are whole lines
+  // (G = 1).
   const int64_t lines = cpu::planes_in_whole_lines(l, element_bytes);
-  if (plan.fused && lines > 1 && l.S >= 16 && l.C / lines >= kMinTasks && streams_output(m * l.C * element_bytes)) {
-    group = (group + lines - 1) / lines * lines;
+  const int64_t whole_lines_group = (group + lines - 1) / lines * lines;
+  if (plan.fused && lines > 1 && l.S >= 16 && l.C / whole_lines_group >= kMinTasks &&
+      streams_output(m * l.C * element_bytes)) {
+    group = whole_lines_group;
   }
   for (int64_t c = 0; c < l.C; c += group) {
     for (int64_t p = 0; p < plan.parts; ++p) add(c, std::min(l.C, c + group), p);
@@ -167,10 +177,12 @@ inline Plan make_apply_plan(const core::ChannelLayout& l, int64_t element_bytes,
     const bool whole_rows = plan.tiles.empty() || plan.tiles[0].c_end - plan.tiles[0].c_begin == l.C;
     return whole_rows ? plan : make_plan(l, element_bytes, 1);
   }
-  if (l.S == 1 || l.C < 2) return plan;
+  if (l.S == 1 || l.C < 2 || l.N == 0) return plan;
   // Whole planes: such a tile is one run in memory (or one per sample) where they are short
-  // and contiguous (map_planes_as_one_run).
+  // and contiguous (map_planes_as_one_run). Fewer planes than tiles ((1, 3, 512, 512)) keep
+  // the pass's own tiles, which cut long channels into row parts.
   const int64_t blocks = std::clamp<int64_t>(l.N * l.S * l.C * element_bytes / kApplyTileBytes, 1, kMinTasks);
+  if (l.N * l.C < blocks) return plan;
   Plan apply;
   auto add = [&](int64_t c_begin, int64_t c_end, int64_t n_begin, int64_t n_end) {
     apply.tiles.push_back({c_begin, c_end, n_begin * l.S, n_end * l.S});
@@ -179,7 +191,7 @@ inline Plan make_apply_plan(const core::ChannelLayout& l, int64_t element_bytes,
   if (l.N >= blocks) {
     for (int64_t b = 0; b < blocks; ++b) add(0, l.C, l.N * b / blocks, l.N * (b + 1) / blocks);
   } else {
-    const int64_t per_sample = std::min((blocks + l.N - 1) / l.N, l.C);
+    const int64_t per_sample = (blocks + l.N - 1) / l.N;
     for (int64_t n = 0; n < l.N; ++n) {
       for (int64_t b = 0; b < per_sample; ++b) add(l.C * b / per_sample, l.C * (b + 1) / per_sample, n, n + 1);
     }
