@@ -213,7 +213,6 @@ LPNORM_INLINE void store_vector(T* p, VecOf<T> v, bool stream) {
   Io<T>::store(p, v);
 }
 
-
 // Orders this thread's non-temporal stores before whatever it stores next.
 LPNORM_INLINE void stream_fence(bool stream) {
 #if defined(__AVX2__) || defined(__AVX512F__)
