@@ -89,6 +89,18 @@ LPNORM_HOST_DEVICE inline double channel_mean(const ChannelSums& sums) {
   return sums.count > 0 ? sums.sum / static_cast<double>(sums.count) : 0.0;
 }
 
+// The pivot p the stats passes sum x - p around, every backend alike: the mean of a channel's
+// first min(m, kPivotElements) flat elements (their sum given, in double), rounded to the
+// accumulation type A the passes subtract it in. 0 (no shift) where that is not finite (every
+// x - p NaN, the mean NaN where torch's is inf) or near A's largest value (x - p of the other
+// sign would overflow: -3e38 then +3e38 in float32 gave an inf mean).
+constexpr int64_t kPivotElements = 8;
+template <typename A>
+LPNORM_HOST_DEVICE inline double channel_pivot(double sum_of_first, int64_t first) {
+  const double p = static_cast<double>(static_cast<A>(sum_of_first / static_cast<double>(first)));
+  return std::abs(p) <= static_cast<double>(std::numeric_limits<A>::max()) / 4 ? p : 0.0;  // NaN too
+}
+
 // The divisor of a chunk's raw statistic (max |d|, mean of the top-k |d|, or max - min) that
 // makes sigma consistent for Gaussian data; `chunk_count` is m / chunks. Host only (cached
 // numerical integration): a backend computes it once per call, it depends on the chunk size only.

@@ -78,6 +78,16 @@ void redo_power_sums(const core::ChannelLayout& l, Dtype dtype, const void* x, i
   }
 }
 
+std::vector<int64_t> exact_power_grad_channels(Dtype dtype, const double* coef, int64_t channels, double p,
+                                               int64_t m, double lp_constant) {
+  std::vector<int64_t> exact;
+  if (dtype == Dtype::Float64 || m == 0) return exact;
+  for (int64_t c = 0; c < channels; ++c) {
+    if (power_grad_leaves_float(coef[3 * c] * lp_constant, p, m)) exact.push_back(c);
+  }
+  return exact;
+}
+
 void exact_power_grad(const core::ChannelLayout& l, Dtype dtype, const void* grad, const void* x, void* grad_x,
                       int64_t c, double mean, const core::GradCoefficients& k, double p) {
   with_type(dtype, [&](auto tag) {

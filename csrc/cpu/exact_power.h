@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "core/channel_math.h"
 #include "core/layout.h"
@@ -34,6 +35,12 @@ PowerSums exact_power_sums(const core::ChannelLayout& layout, Dtype dtype, const
 // a non-finite mean.
 void redo_power_sums(const core::ChannelLayout& layout, Dtype dtype, const void* x, int64_t begin, int64_t end,
                      const double* mean, double p, double* deviation, double* phi);
+
+// The channels whose gradient exact_power_grad writes: those whose |d|^(p - 1) leaves float's
+// range (power_grad_leaves_float at sigma * c_p; coef: [C][3] as saved, sigma first; m: the
+// channel's elements over every process). None for Float64 data or an empty batch.
+std::vector<int64_t> exact_power_grad_channels(Dtype dtype, const double* coef, int64_t channels, double p,
+                                               int64_t m, double lp_constant);
 
 // Channel c of grad_x = scale_g * g + scale_phi * sign(d) |d|^(p - 1) + offset, in double.
 void exact_power_grad(const core::ChannelLayout& layout, Dtype dtype, const void* grad, const void* x, void* grad_x,

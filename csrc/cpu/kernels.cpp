@@ -11,7 +11,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 #include "cpu/isa/build.h"
@@ -73,7 +72,7 @@ void collect_stats(const StatsArgs& a, const Tile* tiles, int64_t count) {
       const Layout& l = a.layout;
       const T* x = static_cast<const T*>(a.x);
       // Element by element outer, channel inner: a channels-last row is one contiguous read.
-      const int64_t first = std::min<int64_t>(l.count(), 8);
+      const int64_t first = std::min<int64_t>(l.count(), core::kPivotElements);
       for (int64_t c = t.c_begin; c < t.c_end; ++c) a.pivot[c] = 0;
       for (int64_t f = 0; f < first; ++f) {
         const T* row = x + l.offset(f / l.S, 0, f % l.S);
@@ -81,15 +80,8 @@ void collect_stats(const StatsArgs& a, const Tile* tiles, int64_t count) {
           a.pivot[c] += static_cast<double>(core::Element<T>::load(row[c * l.stride_c]));
         }
       }
-      // The mean of those (first >= 1: the tile has rows), then its copies for the other
-      // parts: loops of their own, which vectorize. 0 (no shift) where the pivot is not finite
-      // (every x - p NaN, the mean NaN where torch's is inf) or near the type's largest value
-      // (x - p of the other sign would overflow: -3e38 then +3e38 in float32 gave an inf mean).
-      constexpr double kLargestPivot = static_cast<double>(std::numeric_limits<AccOf<T>>::max()) / 4;
-      for (int64_t c = t.c_begin; c < t.c_end; ++c) {
-        const double p = static_cast<double>(static_cast<AccOf<T>>(a.pivot[c] / static_cast<double>(first)));
-        a.pivot[c] = std::abs(p) <= kLargestPivot ? p : 0.0;  // NaN too
-      }
+      // The pivots (first >= 1: the tile has rows), then their copies for the other parts.
+      for (int64_t c = t.c_begin; c < t.c_end; ++c) a.pivot[c] = core::channel_pivot<AccOf<T>>(a.pivot[c], first);
       for (int64_t j = 1; j < count; ++j) {
         std::copy(a.pivot + t.c_begin, a.pivot + t.c_end, a.pivot + j * C + t.c_begin);
       }

@@ -127,24 +127,21 @@ struct StatsAcc<A, 0> {
 };
 
 // ---- channel_pivots: the value collect_stats sums x - p around --------------------------------
-// As the CPU's: the mean of the channel's first (flat) elements, rounded to the accumulation
-// type; 0 where that is not finite or near the type's largest value (x - p of the other sign
-// would overflow). The partial sums are then of x - p, which a constant channel makes exact
-// zeros (float sums of x left a large constant's mean ulps off, every d that error, normalized
-// to O(1)), and which keep few of the mean's bits where |mean| >> sigma.
+// core::channel_pivot, as the CPU's. The partial sums are then of x - p, which a constant
+// channel makes exact zeros (float sums of x left a large constant's mean ulps off, every d
+// that error, normalized to O(1)), and which keep few of the mean's bits where |mean| >> sigma.
 
 template <typename T>
 __global__ void channel_pivots_kernel(const T* __restrict__ x, core::ChannelLayout layout, double* pivot) {
   using A = typename Num<T>::acc;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= layout.C) return;
-  const int64_t first = layout.count() < 8 ? layout.count() : 8;
+  const int64_t first = layout.count() < core::kPivotElements ? layout.count() : core::kPivotElements;
   double sum = 0;
   for (int64_t f = 0; f < first; ++f) {
     sum += static_cast<double>(Num<T>::load(x[layout.offset(f / layout.S, c, f % layout.S)]));
   }
-  const double p = first > 0 ? static_cast<double>(static_cast<A>(sum / static_cast<double>(first))) : 0.0;
-  pivot[c] = fabs(p) <= static_cast<double>(std::numeric_limits<A>::max()) / 4 ? p : 0.0;  // NaN, inf too
+  pivot[c] = first > 0 ? core::channel_pivot<A>(sum, first) : 0.0;
 }
 
 // The channel's total from its partial sums of x - p.

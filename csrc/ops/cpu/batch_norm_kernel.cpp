@@ -367,10 +367,8 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
     };
     // The means (and l2's one-pass deviation sums) of channels [begin, end).
     auto means = [&](int64_t begin, int64_t end) {
-      const bool kept = means_from_sums(begin, end, m, sum.data(), shifted ? pivot.data() : nullptr,
-                                        one_pass_l2 ? sum_sq.data() : nullptr, mean.data(), deviation.data(),
-                                        phi.data());
-      return kept && one_pass_l2;  // the others' deviations take their own pass
+      return means_from_sums(begin, end, m, sum.data(), shifted ? pivot.data() : nullptr,
+                             one_pass_l2 ? sum_sq.data() : nullptr, mean.data(), deviation.data(), phi.data());
     };
     auto deviation_args = [&](int64_t part) -> cpu::DeviationArgs {
       return {layout, dtype, xp, mean.data(), spec.phi(), spec.deviation_power(),
@@ -556,13 +554,11 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
   // their phi_scale from sigma in double (saved in float32 it may be 0), their gradient
   // element by element in double after the vector pass.
   std::vector<int64_t> exact_channels;
-  if (spec.kind == core::NormKind::P && training && m > 0 && dtype != cpu::Dtype::Float64 && !in_half) {
+  if (spec.kind == core::NormKind::P && training && !in_half) {
     const double lp_constant = core::channel_constants(spec, m).lp_constant;
-    for (int64_t c = 0; c < channels; ++c) {
-      const double sigma_cp = coef[3 * c] * lp_constant;
-      if (!cpu::power_grad_leaves_float(sigma_cp, spec.p, m)) continue;
-      coef[3 * c + 1] = std::pow(sigma_cp, 1.0 - spec.p) / (static_cast<double>(m) * lp_constant);
-      exact_channels.push_back(c);
+    exact_channels = cpu::exact_power_grad_channels(dtype, coef.data(), channels, spec.p, m, lp_constant);
+    for (const int64_t c : exact_channels) {
+      coef[3 * c + 1] = std::pow(coef[3 * c] * lp_constant, 1.0 - spec.p) / (static_cast<double>(m) * lp_constant);
     }
   }
   // Pointers and the streaming choice once per call, not once per tile (a fused tile is one

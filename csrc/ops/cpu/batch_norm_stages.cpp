@@ -361,10 +361,9 @@ Tensor apply_grad_cpu(const Tensor& grad_output, const Tensor& input, const Opti
   for_each_tile(plan, [&](const Tile& t, int64_t) { kernels.apply_grad(args, t); });
   // The general p norm's channels whose |d|^(p - 1) in float leaves its range, again in double
   // (as the fused operator; the stages' statistics are float64, phi_scale included).
-  if (spec.kind == core::NormKind::P && args.dtype != cpu::Dtype::Float64 && m > 0 && count > 0) {
+  if (spec.kind == core::NormKind::P && m > 0) {
     const double lp_constant = core::channel_constants(spec, count).lp_constant;
-    for (int64_t c = 0; c < channels; ++c) {
-      if (!cpu::power_grad_leaves_float(cp[3 * c] * lp_constant, spec.p, count)) continue;
+    for (const int64_t c : cpu::exact_power_grad_channels(args.dtype, cp, channels, spec.p, count, lp_constant)) {
       cpu::exact_power_grad(layout, args.dtype, args.grad, args.x, args.grad_x, c, mp[c], grad_coef[c], spec.p);
     }
   }
