@@ -216,12 +216,16 @@ FinalizeResult finalize_cpu(int64_t count, const Tensor& sum, const Tensor& devi
   const core::ChannelConstants constants = core::channel_constants(spec, count);
   std::vector<core::Deviation> pool(static_cast<size_t>(core::deviation_scratch_size(spec)));
   std::vector<core::Candidate> largest(per_end), smallest(per_end);
+  // The pointers once: const_data_ptr checks the tensor at every call.
+  const double* sum_values = sums.const_data_ptr<double>();
+  const double* deviation_values = deviations.const_data_ptr<double>();
+  const double* phi_values = phis.const_data_ptr<double>();
   for (int64_t c = 0; c < channels; ++c) {
     core::ChannelSums s;
     s.count = count;
-    s.sum = sums.const_data_ptr<double>()[c];
-    s.deviation_sum = deviations.const_data_ptr<double>()[c];
-    s.phi_sum = phis.const_data_ptr<double>()[c];
+    s.sum = sum_values[c];
+    s.deviation_sum = deviation_values[c];
+    s.phi_sum = phi_values[c];
     if (per_end > 0) {
       // The merge of the processes' lists: the same lists one process would have kept
       // (ties to the lowest global index, whatever the order offered).
@@ -260,7 +264,8 @@ Tensor apply_cpu(const Tensor& input, const Tensor& mean, const Tensor& invstd, 
   const std::vector<double> w = optional_values(weight, channels, 1.0, "weight", op);
   const std::vector<double> b = optional_values(bias, channels, 0.0, "bias", op);
   std::vector<double> scale(channels);
-  for (int64_t c = 0; c < channels; ++c) scale[c] = invstd_values.const_data_ptr<double>()[c] * w[c];
+  const double* invstd_p = invstd_values.const_data_ptr<double>();  // once: each call checks the tensor
+  for (int64_t c = 0; c < channels; ++c) scale[c] = invstd_p[c] * w[c];
   Tensor output = at::empty_like(x);
   const cpu::Kernels& kernels = cpu::kernels();
   const cpu::AffineArgs args{layout,
@@ -326,8 +331,9 @@ Tensor apply_grad_cpu(const Tensor& grad_output, const Tensor& input, const Opti
   // [0, m) and the pass skips them.
   std::vector<int64_t> local_index(channels * cols);
   const Tensor global_index = sparse_index.contiguous();
+  const int64_t* global = global_index.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < channels * cols; ++i) {
-    const int64_t local = global_index.const_data_ptr<int64_t>()[i] - index_offset;
+    const int64_t local = global[i] - index_offset;
     local_index[i] = local >= 0 && local < m ? local : -1;
   }
   const Tensor sparse_values = channel_values(sparse_coef, channels * cols, "sparse_coef", op);
@@ -335,11 +341,12 @@ Tensor apply_grad_cpu(const Tensor& grad_output, const Tensor& input, const Opti
   const double* mp = mean_values.const_data_ptr<double>();
   const double* rp = invstd_values.const_data_ptr<double>();
   const double* cp = coef_values.const_data_ptr<double>();
+  const double* gp = g_values.const_data_ptr<double>();
+  const double* gdp = gd_values.const_data_ptr<double>();
   std::vector<core::GradCoefficients> grad_coef(channels);
   for (int64_t c = 0; c < channels; ++c) {
-    grad_coef[c] = core::grad_coefficients(true, count, w[c], rp[c], cp[3 * c], cp[3 * c + 1], cp[3 * c + 2],
-                                           g_values.const_data_ptr<double>()[c],
-                                           gd_values.const_data_ptr<double>()[c]);
+    grad_coef[c] = core::grad_coefficients(true, count, w[c], rp[c], cp[3 * c], cp[3 * c + 1], cp[3 * c + 2], gp[c],
+                                           gdp[c]);
   }
   Tensor grad_input = at::empty_like(x);
   const cpu::Kernels& kernels = cpu::kernels();

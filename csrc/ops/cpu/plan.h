@@ -87,6 +87,15 @@ struct Plan {
   std::vector<int64_t> part;   // which partial buffer each tile writes
 };
 
+// Channels-innermost: the row blocks each of `spans` channel spans is cut into, about
+// kBlockElements elements each, kMinTasks tiles in all where there are enough elements.
+inline int64_t row_blocks(const core::ChannelLayout& l, int64_t spans) {
+  const int64_t m = l.count();
+  const int64_t blocks = (kMinTasks + spans - 1) / spans;
+  return std::clamp<int64_t>(std::min(blocks, l.C * m / kBlockElements), 1,
+                             std::min<int64_t>(kMaxBlocks, std::max<int64_t>(m, 1)));
+}
+
 // `streams`: full-size tensors a fused channel reads (x; or grad and x). `extreme_lists`: the
 // pass keeps top-k lists.
 inline Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64_t streams, bool extreme_lists = false) {
@@ -115,10 +124,7 @@ inline Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64
     // Top-k lists keep spans of kChannelSpan channels over all rows where there are enough of
     // them (whole-row list tiles measured no better at 2 threads; docs/cpu-performance.md).
     const int64_t span = extreme_lists ? kChannelSpan : l.C;
-    const int64_t spans = (l.C + span - 1) / span;
-    const int64_t blocks = (kMinTasks + spans - 1) / spans;
-    plan.parts = std::clamp<int64_t>(std::min(blocks, l.C * m / kBlockElements), 1,
-                                     std::min<int64_t>(kMaxBlocks, std::max<int64_t>(m, 1)));
+    plan.parts = row_blocks(l, (l.C + span - 1) / span);
     plan.fused = plan.parts == 1 && forced != Forced::Split && (fits_l2(std::min(l.C, span)) || forced == Forced::Fused);
     for (int64_t c = 0; c < l.C; c += span) {
       for (int64_t p = 0; p < plan.parts; ++p) add(c, std::min(l.C, c + span), p);
@@ -172,10 +178,23 @@ constexpr int64_t kApplyTileBytes = int64_t{256} << 10;
 // `plan` (the pass's own, its last use: moved in) is returned where it serves.
 inline Plan make_apply_plan(const core::ChannelLayout& l, int64_t element_bytes, Plan plan) {
   if (cpu::walk_of(l) == cpu::Walk::ChannelsInnermost) {
-    // The top-k lists' spans read part of each row; the element pass takes whole rows
-    // ((32,128,28,28) channels-last topk forward at 2 threads: 2.2 -> 1.0-1.2 ms).
+    // Blocks of whole rows, in memory order like a copy. The top-k lists' spans and the fused
+    // schedule's read part of each row: (32,128,28,28) channels-last topk forward at 2 threads
+    // 2.2 -> 1.0-1.2 ms with whole rows. Evaluation had kept the fused spans of (N, C) and
+    // small channels-last inputs, a 1 KiB piece of each row: on a Xeon (2 MiB L2) l1 at 2
+    // threads, (256, 1024) 65 -> 49 us, (512, 512) 80 -> 41, (8, 256, 14, 14) channels-last
+    // 130 -> 75 (torch 35, 34, 58). Pieces of rows a page apart reach a quarter of the L2's
+    // sets, and their lines come from many pages at once.
     const bool whole_rows = plan.tiles.empty() || plan.tiles[0].c_end - plan.tiles[0].c_begin == l.C;
-    return whole_rows ? plan : make_plan(l, element_bytes, 1);
+    if (whole_rows) return plan;
+    Plan rows;
+    const int64_t m = l.count();
+    rows.parts = row_blocks(l, 1);
+    for (int64_t p = 0; p < rows.parts; ++p) {
+      rows.tiles.push_back({0, l.C, m * p / rows.parts, m * (p + 1) / rows.parts});
+      rows.part.push_back(p);
+    }
+    return rows;
   }
   if (l.S == 1 || l.C < 2 || l.N == 0) return plan;
   // Whole planes: such a tile is one run in memory (or one per sample) where they are short
