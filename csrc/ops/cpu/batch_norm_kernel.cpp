@@ -320,7 +320,7 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
   auto affine = [&](const Tile& t) {
     kernels.apply_affine({layout, dtype, xp, yp, mean.data(), scale.data(), b.data(), stream}, t);
   };
-  Plan plan = make_plan(layout, x.element_size(), 1, training && spec.extremes_per_end() > 1);
+  Plan plan = make_plan(layout, x.element_size(), 1, training ? spec.extremes_per_end() : 0);
   plan.fused = plan.fused && !in_half;  // half accumulation replaces the split schedule's sums
 
   if (training) {

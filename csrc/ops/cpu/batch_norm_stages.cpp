@@ -104,7 +104,7 @@ std::tuple<Tensor, Tensor, Tensor> collect_cpu(const Tensor& input, c10::string_
   const int64_t channels = layout.C;
   const int64_t per_end = spec.extremes_per_end();
   const cpu::Dtype dtype = stage_dtype(x, "batch_norm_collect");
-  const Plan plan = make_plan(layout, x.element_size(), 1, per_end > 1);
+  const Plan plan = make_plan(layout, x.element_size(), 1, per_end);
   // Sums of x - p around a pivot p from each channel's first elements, as the fused operator's,
   // then p * m added back in double (exact for a float pivot): the processes add plain sums,
   // and a constant channel's total is exact.
