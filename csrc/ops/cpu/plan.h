@@ -131,12 +131,13 @@ inline Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64
     // A dense pass's span is fused only where what it reads and writes fits the L2 sets its
     // pieces of the rows reach (cache_set_share). On a Xeon (2 MiB L2), 2 threads, in-process
     // A/B, fused spans against row blocks, x torch: (8, 256, 14, 14) channels-last l2 forward
-    // 1.11 -> 0.69, backward 1.14 -> 0.76, l1 1.29 -> 0.83 and 1.18 -> 0.77, the linf and topk
-    // backward 1.01 -> 0.67 and 1.06 -> 0.76; (256, 1024) float32 l2 forward 1.28 -> 1.05,
-    // backward 1.12 -> 1.03. A stats pass that keeps extreme values does more per element,
-    // and row blocks lost there ((256, 1024) linf forward 1.21 -> 1.37, topk 2.19 -> 2.31), as
-    // did the backward's sparse terms (batch_norm_backward_cpu): they keep the plain test.
-    // (Not measured on Zen 4, whose 1 MiB L2 had chosen these spans.)
+    // 1.11 -> 0.69, backward 1.14 -> 0.76, l1 1.29 -> 0.83 and 1.18 -> 0.77; (256, 1024)
+    // float32 l2 forward 1.28 -> 1.05, backward 1.12 -> 1.03. A stats pass that keeps extreme
+    // values does more per element, and row blocks lost there ((256, 1024) linf forward 1.21
+    // -> 1.37, topk 2.19 -> 2.31), as did the backward's sparse terms on (256, 1024)
+    // (batch_norm_backward_cpu), though on (8, 256, 14, 14) channels-last they gained (linf
+    // and topk backward 1.01 -> 0.67, 1.06 -> 0.76): those keep the plain test. (Not measured
+    // on Zen 4, whose 1 MiB L2 had chosen these spans.)
     const int64_t row_bytes = (l.S > 1 ? l.stride_s : l.stride_n) * element_bytes;
     const auto dense_span_fits = [&](int64_t span) {
       return static_cast<double>(m * span * element_bytes * (streams + 1)) <=
