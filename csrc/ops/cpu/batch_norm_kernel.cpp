@@ -569,10 +569,7 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
   const int64_t* index_p = index.const_data_ptr<int64_t>();
   const bool stream = streams_output(x.nbytes());
 
-  // The sparse terms count as extremes (make_plan): in row blocks each block would scan every
-  // channel's terms for its rows, a mispredicted branch on most ((256, 1024) topk backward
-  // 138-198 -> 227-241 us).
-  Plan plan = make_plan(layout, x.element_size(), 2, cols);
+  Plan plan = make_plan(layout, x.element_size(), 2);
   plan.fused = plan.fused && !in_half;
   const int64_t buffers = plan.fused ? 1 : plan.parts;
   Values<double> sum_g = scratch.take<double>(buffers * channels);

@@ -108,11 +108,11 @@ inline double cache_set_share(int64_t span_bytes, int64_t row_bytes) {
   return std::min(1.0, static_cast<double>(span_bytes) / static_cast<double>(period));
 }
 
-// `streams`: full-size tensors a fused channel reads (x; or grad and x). `extremes`: per
-// channel, the values per end a forward's stats pass keeps, or the backward's sparse terms
-// (0: a dense pass; 2 and more in a forward: top-k lists).
-inline Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64_t streams, int64_t extremes = 0) {
-  const bool extreme_lists = streams == 1 && extremes > 1;
+// `streams`: full-size tensors a fused channel reads (x; or grad and x). `per_end`: the
+// extreme values per end the stats pass keeps for each channel (0: none; 2 and more: top-k
+// lists).
+inline Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64_t streams, int64_t per_end = 0) {
+  const bool extreme_lists = per_end > 1;
   Plan plan;
   if (l.C == 0) return plan;  // no channels, no tiles (and no division by C below)
   const int64_t m = l.count();
@@ -128,22 +128,21 @@ inline Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64
     // kChannelSpan multiples (whole vectors of every build).
     const int64_t wanted = std::min(kRowBytes / element_bytes, l.C / kMinFusedSpans);
     const int64_t fused_span = std::max(kChannelSpan, wanted / kChannelSpan * kChannelSpan);
-    // A dense pass's span is fused only where what it reads and writes fits the L2 sets its
-    // pieces of the rows reach (cache_set_share). On a Xeon (2 MiB L2), 2 threads, in-process
-    // A/B, fused spans against row blocks, x torch: (8, 256, 14, 14) channels-last l2 forward
-    // 1.11 -> 0.69, backward 1.14 -> 0.76, l1 1.29 -> 0.83 and 1.18 -> 0.77; (256, 1024)
-    // float32 l2 forward 1.28 -> 1.05, backward 1.12 -> 1.03. A stats pass that keeps extreme
-    // values does more per element, and row blocks lost there ((256, 1024) linf forward 1.21
-    // -> 1.37, topk 2.19 -> 2.31), as did the backward's sparse terms on (256, 1024)
-    // (batch_norm_backward_cpu), though on (8, 256, 14, 14) channels-last they gained (linf
-    // and topk backward 1.01 -> 0.67, 1.06 -> 0.76): those keep the plain test. (Not measured
-    // on Zen 4, whose 1 MiB L2 had chosen these spans.)
+    // A pass without extreme lists fuses a span only where what it reads and writes fits the
+    // L2 sets its pieces of the rows reach (cache_set_share). On a Xeon (2 MiB L2), 2 threads,
+    // fused spans against row blocks, x torch: (8, 256, 14, 14) channels-last l2 forward 1.11
+    // -> 0.69, backward 1.14 -> 0.76, l1 1.29 -> 0.83 and 1.18 -> 0.77, the linf and topk
+    // backward (us) 207-239 -> 136-149 and 216-251 -> 147-167; (256, 1024) float32 l2 forward
+    // 1.28 -> 1.05, backward 1.12 -> 1.03, linf backward 147-155 -> 108-124 us. A stats pass
+    // that keeps extreme values does more per element, and row blocks lost there ((256, 1024)
+    // linf forward 1.21 -> 1.37, topk 2.19 -> 2.31): it keeps the plain test. (Not measured on
+    // Zen 4, whose 1 MiB L2 had chosen these spans.)
     const int64_t row_bytes = (l.S > 1 ? l.stride_s : l.stride_n) * element_bytes;
     const auto dense_span_fits = [&](int64_t span) {
       return static_cast<double>(m * span * element_bytes * (streams + 1)) <=
              static_cast<double>(l2_cache_bytes() * 7 / 8) * cache_set_share(span * element_bytes, row_bytes);
     };
-    const bool span_fits = extremes > 0 ? fits_l2(fused_span) : dense_span_fits(fused_span);
+    const bool span_fits = per_end > 0 ? fits_l2(fused_span) : dense_span_fits(fused_span);
     if (forced != Forced::Split && (l.C + fused_span - 1) / fused_span >= kMinFusedSpans && span_fits) {
       plan.fused = true;
       for (int64_t c = 0; c < l.C; c += fused_span) add(c, std::min(l.C, c + fused_span), 0);
