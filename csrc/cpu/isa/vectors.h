@@ -159,11 +159,23 @@ LPNORM_INLINE VD vsign(VD d) {
 }
 #endif
 
-template <typename V>
-LPNORM_INLINE double hsum(V v) {
-  double total = 0;
-  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(v[0])); ++i) total += static_cast<double>(v[i]);
-  return total;
+// The sum of a vector's lanes in double, as a tree: the halves of a float vector widened and
+// added, then pairs of lanes, log2(lanes) adds deep. (Lane after lane, 16 dependent adds, it
+// was a third of the stats pass over planes of 49 elements: (1, 2048, 7, 7) on a Xeon.)
+LPNORM_INLINE double hsum(VD v) {
+  constexpr int kLanes = static_cast<int>(sizeof(VD) / sizeof(double));
+  double lane[kLanes];
+  std::memcpy(lane, &v, sizeof v);
+  for (int width = kLanes / 2; width >= 1; width /= 2) {
+    for (int i = 0; i < width; ++i) lane[i] += lane[i + width];
+  }
+  return lane[0];
+}
+LPNORM_INLINE double hsum(VF v) {
+  typedef float HalfVF __attribute__((vector_size(kBytes / 2)));
+  HalfVF half[2];
+  std::memcpy(half, &v, sizeof v);
+  return hsum(__builtin_convertvector(half[0], VD) + __builtin_convertvector(half[1], VD));
 }
 
 // The lanes of `id` set in `mask`, packed to the front of out (which must have room for a
