@@ -474,8 +474,11 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
         core::Deviation pool_on_stack[64];  // the top-k pick's scratch (2k entries): no allocation up to k = 32
         std::vector<core::Deviation> pool_on_heap(scratch > 64 ? scratch : 0);
         finish_channels(t.c_begin, t.c_end, scratch > 64 ? pool_on_heap.data() : pool_on_stack);
-        affine(t);
+        if (!plan.apply_apart) affine(t);
       });
+      if (plan.apply_apart) {
+        for_each_tile(make_apply_plan(layout, x.element_size(), std::move(plan)), [&](const Tile& t, int64_t) { affine(t); });
+      }
     } else {
       for_each_tile_run(plan, [&](const Tile* tiles, int64_t count, int64_t part) {
         kernels.collect_stats(stats_args(part), tiles, count);
