@@ -468,6 +468,29 @@ def test_bit_identical_at_one_and_two_threads(isa, shape, layout, norm_kwargs):
         assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("norm_kwargs", [dict(norm="topk", k=10), dict(norm="linf")], ids=["topk", "linf"])
+@pytest.mark.parametrize("shape,layout", [((256, 1024), contiguous), ((8, 256, 14, 14), channels_last)],
+                         ids=["2d-wide", "nhwc-1k-rows"])
+def test_element_pass_apart_from_fused_spans(isa, shape, layout, norm_kwargs):
+    """Fused spans whose x and y overflow the L2 sets they reach leave the extreme norms'
+    element pass to a pass over whole rows (plan.h, Plan::apply_apart): output, gradient and
+    running statistics are still the reference's."""
+    x = layout(batch(shape, torch.float32))
+    grad = layout(torch.randn(shape))
+    xi = x.clone(memory_format=torch.preserve_format).requires_grad_()
+    rm, rv = torch.zeros(shape[1]), torch.ones(shape[1])
+    y = lpnorm.functional.batch_norm(xi, rm, rv, None, None, training=True, **norm_kwargs)
+    y.backward(grad)
+    xr = x.double().requires_grad_()
+    ref_mean, ref_var = torch.zeros(shape[1], dtype=torch.float64), torch.ones(shape[1], dtype=torch.float64)
+    yr = reference.batch_norm(xr, ref_mean, ref_var, training=True, **norm_kwargs)
+    yr.backward(grad.double())
+    assert_close(y, yr, what="output")
+    assert_close(xi.grad, xr.grad, what="grad_input")
+    assert_close(rm, ref_mean, what="running_mean")
+    assert_close(rv, ref_var, what="running_var")
+
+
 def allocated_bytes(fn):
     """Bytes allocated while fn runs (CPU allocator, every op), from the profiler."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
