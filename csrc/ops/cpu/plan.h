@@ -91,13 +91,23 @@ struct Plan {
   std::vector<int64_t> part;   // which partial buffer each tile writes
 };
 
-// Channels-innermost: the row blocks each of `spans` channel spans is cut into, about
-// kBlockElements elements each, kMinTasks tiles in all where there are enough elements.
-inline int64_t row_blocks(const core::ChannelLayout& l, int64_t spans) {
+// Channels-innermost: spans of `span` channels, each cut into the same row blocks of about
+// kBlockElements elements, kMinTasks tiles in all where there are enough elements (tile j of
+// a span writes partial buffer j). Not fused.
+inline Plan row_block_plan(const core::ChannelLayout& l, int64_t span) {
+  Plan plan;
   const int64_t m = l.count();
+  const int64_t spans = (l.C + span - 1) / span;
   const int64_t blocks = (kMinTasks + spans - 1) / spans;
-  return std::clamp<int64_t>(std::min(blocks, l.C * m / kBlockElements), 1,
-                             std::min<int64_t>(kMaxBlocks, std::max<int64_t>(m, 1)));
+  plan.parts = std::clamp<int64_t>(std::min(blocks, l.C * m / kBlockElements), 1,
+                                   std::min<int64_t>(kMaxBlocks, std::max<int64_t>(m, 1)));
+  for (int64_t c = 0; c < l.C; c += span) {
+    for (int64_t p = 0; p < plan.parts; ++p) {
+      plan.tiles.push_back({c, std::min(l.C, c + span), m * p / plan.parts, m * (p + 1) / plan.parts});
+      plan.part.push_back(p);
+    }
+  }
+  return plan;
 }
 
 // The share of a cache's sets that pieces of `span_bytes` of rows `row_bytes` apart can
@@ -161,12 +171,9 @@ inline Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64
     // Top-k lists keep spans of kChannelSpan channels over all rows where there are enough of
     // them (whole-row list tiles measured no better at 2 threads; docs/cpu-performance.md).
     const int64_t span = extreme_lists ? kChannelSpan : l.C;
-    plan.parts = row_blocks(l, (l.C + span - 1) / span);
-    plan.fused = plan.parts == 1 && forced != Forced::Split && (fits_l2(std::min(l.C, span)) || forced == Forced::Fused);
-    for (int64_t c = 0; c < l.C; c += span) {
-      for (int64_t p = 0; p < plan.parts; ++p) add(c, std::min(l.C, c + span), p);
-    }
-    return plan;
+    Plan blocks = row_block_plan(l, span);
+    blocks.fused = blocks.parts == 1 && forced != Forced::Split && (fits_l2(std::min(l.C, span)) || forced == Forced::Fused);
+    return blocks;
   }
   if (l.C < kMinTasks && forced != Forced::Fused) {
     plan.parts = std::clamp<int64_t>((kMinTasks + l.C - 1) / l.C, 1, std::max<int64_t>(1, m / kMinPartElements));
@@ -223,15 +230,7 @@ inline Plan make_apply_plan(const core::ChannelLayout& l, int64_t element_bytes,
     // 130 -> 75 (torch 35, 34, 58). Pieces of rows a page apart reach a quarter of the L2's
     // sets, and their lines come from many pages at once.
     const bool whole_rows = plan.tiles.empty() || plan.tiles[0].c_end - plan.tiles[0].c_begin == l.C;
-    if (whole_rows) return plan;
-    Plan rows;
-    const int64_t m = l.count();
-    rows.parts = row_blocks(l, 1);
-    for (int64_t p = 0; p < rows.parts; ++p) {
-      rows.tiles.push_back({0, l.C, m * p / rows.parts, m * (p + 1) / rows.parts});
-      rows.part.push_back(p);
-    }
-    return rows;
+    return whole_rows ? plan : row_block_plan(l, l.C);
   }
   if (l.S == 1 || l.C < 2 || l.N == 0) return plan;
   // Whole planes: such a tile is one run in memory (or one per sample) where they are short
