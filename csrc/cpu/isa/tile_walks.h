@@ -250,11 +250,9 @@ LPNORM_INLINE void add_widened(double* out, VD v) {
   std::memcpy(out, &sum, sizeof sum);
 }
 LPNORM_INLINE void add_widened(double* out, VF v) {
-  typedef float HalfVF __attribute__((vector_size(kBytes / 2)));
-  HalfVF half[2];
-  std::memcpy(half, &v, sizeof v);
-  add_widened(out, __builtin_convertvector(half[0], VD));
-  add_widened(out + Simd<double>::W, __builtin_convertvector(half[1], VD));
+  const Widened w = widen(v);
+  add_widened(out, w.low);
+  add_widened(out + Simd<double>::W, w.high);
 }
 
 // The fold of float lanes into double: every kFoldEvery vector steps, each lane has summed

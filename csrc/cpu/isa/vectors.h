@@ -178,11 +178,20 @@ LPNORM_INLINE double hsum_doubles(typename Doubles<kSize>::type v) {
   }
 }
 LPNORM_INLINE double hsum(VD v) { return hsum_doubles<kBytes>(v); }
-LPNORM_INLINE double hsum(VF v) {
+
+// A float vector's lanes in double: its first half in low, its second in high.
+struct Widened {
+  VD low, high;
+};
+LPNORM_INLINE Widened widen(VF v) {
   typedef float HalfVF __attribute__((vector_size(kBytes / 2)));
   HalfVF half[2];
   std::memcpy(half, &v, sizeof v);
-  return hsum(__builtin_convertvector(half[0], VD) + __builtin_convertvector(half[1], VD));
+  return {__builtin_convertvector(half[0], VD), __builtin_convertvector(half[1], VD)};
+}
+LPNORM_INLINE double hsum(VF v) {
+  const Widened w = widen(v);
+  return hsum(w.low + w.high);
 }
 
 // The lanes of `id` set in `mask`, packed to the front of out (which must have room for a
