@@ -54,7 +54,6 @@ void collect_stats(const StatsArgs& a, const Tile* tiles, int64_t count) {
   // flush (Extremes::unset): they are its own (a run of parts shares part 0's lists).
   const bool unset = a.chunks == 1 && count == 1 && t.row_end > t.row_begin && walk(a.layout) == Walk::ChannelsInnermost;
   for (int64_t j = 0; j < count; ++j) {
-    std::fill(a.sum + j * C + t.c_begin, a.sum + j * C + t.c_end, 0.0);
     for (int64_t c = t.c_begin; a.per_end > 0 && !unset && c < t.c_end; ++c) {
       core::reset_extremes(a.largest + (j * C + c) * lists, lists);
       core::reset_extremes(a.smallest + (j * C + c) * lists, lists);
@@ -63,7 +62,14 @@ void collect_stats(const StatsArgs& a, const Tile* tiles, int64_t count) {
   for (int64_t c = t.c_begin * a.chunks; a.picked != nullptr && c < t.c_end * a.chunks; ++c) {
     a.picked[c * a.per_end].index = core::kNotPicked;  // (yet)
   }
-  if (t.row_end <= t.row_begin) return;
+  // The walks below set every part's sums (and sum_sq); with no rows there is no walk.
+  if (t.row_end <= t.row_begin) {
+    for (int64_t j = 0; j < count; ++j) {
+      std::fill(a.sum + j * C + t.c_begin, a.sum + j * C + t.c_end, 0.0);
+      if (a.sum_sq != nullptr) std::fill(a.sum_sq + j * C + t.c_begin, a.sum_sq + j * C + t.c_end, 0.0);
+    }
+    return;
+  }
   with_element_type(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (a.pivot != nullptr) {
@@ -100,9 +106,13 @@ void collect_stats(const StatsArgs& a, const Tile* tiles, int64_t count) {
   });
 }
 
+// (The reductions set their outputs; a tile without rows, or a norm without deviation sums,
+// is left to zero them.)
 void collect_deviations(const DeviationArgs& a, const Tile& t) {
-  for (int64_t c = t.c_begin; c < t.c_end; ++c) a.deviation_sum[c] = a.phi_sum[c] = 0;
-  if (t.row_end <= t.row_begin) return;
+  const auto zero = [&] {
+    for (int64_t c = t.c_begin; c < t.c_end; ++c) a.deviation_sum[c] = a.phi_sum[c] = 0;
+  };
+  if (t.row_end <= t.row_begin) return zero();
   with_element_type(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = AccOf<T>;
@@ -110,6 +120,8 @@ void collect_deviations(const DeviationArgs& a, const Tile& t) {
       if constexpr (phi.value != PhiKind::None) {
         const DeviationOp<phi.value, A> op{Power<A>::of(a.power)};
         reduce<T>(a.layout, t, a.x, nullptr, a.mean, op, NoExtremes{}, a.deviation_sum, a.phi_sum);
+      } else {
+        zero();
       }
     });
   });
@@ -124,8 +136,10 @@ void apply_affine(const AffineArgs& a, const Tile& t) {
 }
 
 void reduce_grad(const GradReduceArgs& a, const Tile& t) {
-  for (int64_t c = t.c_begin; c < t.c_end; ++c) a.sum_g[c] = a.sum_gd[c] = 0;
-  if (t.row_end <= t.row_begin) return;
+  if (t.row_end <= t.row_begin) {
+    for (int64_t c = t.c_begin; c < t.c_end; ++c) a.sum_g[c] = a.sum_gd[c] = 0;
+    return;
+  }
   with_element_type(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     reduce<T>(a.layout, t, a.x, a.grad, a.mean, GradSumsOp{}, NoExtremes{}, a.sum_g, a.sum_gd);
@@ -154,8 +168,10 @@ bool map_with_lane_terms(const GradApplyArgs& a, const Tile& t, const Params& pa
   const int64_t channels = t.c_end - t.c_begin, rows = t.row_end - t.row_begin;
   const int64_t groups = (channels + W - 1) / W;
   if (per_channel < kLaneTermsFrom || rows * groups > kLaneWordsPerTerm * per_channel * channels) return false;
-  std::vector<uint32_t> bits(static_cast<size_t>(rows * groups), 0);
-  std::vector<V> magnitude(static_cast<size_t>(groups), V{});
+  uint32_t* const bits = thread_array<struct LaneTermBits, uint32_t>(rows * groups);
+  V* const magnitude = thread_array<struct LaneTermMagnitudes, V>(groups);
+  std::fill(bits, bits + rows * groups, 0u);
+  std::fill(magnitude, magnitude + groups, V{});
   for (int64_t ci = 0; ci < channels; ++ci) {
     const int64_t c = t.c_begin + ci;
     const int64_t* index = a.sparse_index + c * per_channel;
@@ -174,16 +190,16 @@ bool map_with_lane_terms(const GradApplyArgs& a, const Tile& t, const Params& pa
       // The sign from the bits, not a branch (mispredicted on every other term).
       uint64_t term_bits;
       std::memcpy(&term_bits, &term, sizeof term);
-      uint32_t& word = bits[static_cast<size_t>((index[i] - t.row_begin) * groups + ci / W)];
+      uint32_t& word = bits[(index[i] - t.row_begin) * groups + ci / W];
       const uint32_t bit = uint32_t{1} << (ci % W + static_cast<int>(term_bits >> 63) * 16);
       if ((word & bit) != 0) return false;  // an index repeated
       word |= bit;
     }
-    magnitude[static_cast<size_t>(ci / W)][ci % W] = static_cast<A>(size);
+    magnitude[ci / W][ci % W] = static_cast<A>(size);
   }
   map_channels_innermost(a.layout, t, static_cast<const T*>(a.x), static_cast<const T*>(a.grad),
                          static_cast<T*>(a.grad_x), params, op, a.stream,
-                         SignedLaneTerms<V>{bits.data(), magnitude.data(), t.row_begin, groups});
+                         SignedLaneTerms<V>{bits, magnitude, t.row_begin, groups});
   return true;
 }
 
@@ -221,7 +237,7 @@ void apply_grad(const GradApplyArgs& a, const Tile& t) {
       // A channel's terms in the tile's rows, listed without a branch: a row block of an (N, C)
       // input holds a few of each channel's terms, and a branch on each mispredicted on most
       // ((256, 1024) topk backward in 4 row blocks: 138-198 -> 227-241 us).
-      std::vector<int64_t> in_tile(static_cast<size_t>(per_channel));
+      int64_t* const in_tile = thread_array<struct TermsInTile, int64_t>(per_channel);
       const auto rows = static_cast<uint64_t>(t.row_end - t.row_begin);
       for (int64_t first = t.c_begin; first < std::min(t.c_end, t.c_begin + per_line); ++first) {
         for (int64_t c = first; c < t.c_end; c += per_line) {
@@ -247,11 +263,11 @@ void apply_grad(const GradApplyArgs& a, const Tile& t) {
           const int64_t at_channel = c * l.stride_c;
           int64_t listed = 0;
           for (int64_t i = 0; i < per_channel; ++i) {
-            in_tile[static_cast<size_t>(listed)] = i;
+            in_tile[listed] = i;
             listed += static_cast<uint64_t>(index[i] - t.row_begin) < rows ? 1 : 0;
           }
           for (int64_t e = 0; e < listed; ++e) {
-            const int64_t i = in_tile[static_cast<size_t>(e)];
+            const int64_t i = in_tile[e];
             const int64_t flat = index[i];
             double sparse = coef[i];
             if (repeats) {

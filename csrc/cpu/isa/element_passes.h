@@ -243,7 +243,8 @@ void map_channels_innermost(const Layout& l, const Tile& t, const T* x, const T*
   const auto line_multiple = [](int64_t elements) { return elements * sizeof(T) % kLineBytes == 0; };
   stream = stream && line_multiple(channels) && (l.S == 1 || line_multiple(l.stride_s)) &&
            (l.N == 1 || line_multiple(l.stride_n));
-  std::vector<V> k(static_cast<size_t>(groups * 4));  // [group][parameter], lanes = channels
+  V* const k = thread_array<struct Parameters, V>(groups * 4);  // [group][parameter], lanes = channels
+  std::fill(k + (groups - 1) * 4, k + groups * 4, V{});  // the last vector's lanes past the channels
   for (int64_t c = 0; c < channels; ++c) {
     for (int j = 0; j < 4; ++j) k[(c / W) * 4 + j][c % W] = static_cast<A>(params(t.c_begin + c, j));
   }
@@ -275,7 +276,7 @@ void map_channels_innermost(const Layout& l, const Tile& t, const T* x, const T*
     // parameters, the steps win: 1.0-1.2x against 1.6-1.8x; within the caches, (256, 1024),
     // by 5-10%.)
     for_each_row(l, t.row_begin, t.row_end, [&](int64_t r, int64_t offset) {
-      for (int64_t gi = 0; gi < groups; ++gi) map_vector(r, offset, gi, k.data() + gi * 4);
+      for (int64_t gi = 0; gi < groups; ++gi) map_vector(r, offset, gi, k + gi * 4);
     });
   } else {
     for_each_row_step(l, t.row_begin, t.row_end, kNoSplit, [&](int64_t r0, const int64_t* offsets, int rows) {

@@ -260,13 +260,15 @@ void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g
 }
 
 
-// Per-channel values of a channels-innermost tile as accumulation-type arrays, padded to
-// whole vectors.
+// Per-channel values of a channels-innermost tile (zeros where `values` is null) as an
+// accumulation-type array of the thread's, padded with zeros to whole vectors.
 template <typename A>
-std::vector<A> channel_values(const double* values, const Tile& t, int W, double fallback = 0.0) {
+const A* channel_values(const double* values, const Tile& t, int W) {
   const int64_t channels = t.c_end - t.c_begin;
-  std::vector<A> out(static_cast<size_t>((channels + W - 1) / W * W), static_cast<A>(fallback));
+  const int64_t padded = (channels + W - 1) / W * W;
+  A* out = thread_array<struct ChannelValues, A>(padded);
   for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<A>(values != nullptr ? values[t.c_begin + c] : 0.0);
+  std::fill(out + channels, out + padded, A(0));
   return out;
 }
 
@@ -283,10 +285,16 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
   const int64_t channels = t.c_end - t.c_begin;
   const int64_t groups = (channels + W - 1) / W;
   const int tail = static_cast<int>(channels - (groups - 1) * W);
-  const std::vector<A> means = channel_values<A>(mean, t, W);
-  std::vector<V> s0(static_cast<size_t>(groups)), s1(static_cast<size_t>(groups));
+  const A* const means = channel_values<A>(mean, t, W);
+  V* const s0 = thread_array<struct FloatSums0, V>(groups);
+  V* const s1 = thread_array<struct FloatSums1, V>(groups);
+  std::fill(s0, s0 + groups, V{});
+  std::fill(s1, s1 + groups, V{});
   // Lanes past the tile's channels (of the last vector) sum zeros.
-  std::vector<double> t0(static_cast<size_t>(groups * W)), t1(static_cast<size_t>(groups * W));
+  double* const t0 = thread_array<struct DoubleSums0, double>(groups * W);
+  double* const t1 = thread_array<struct DoubleSums1, double>(groups * W);
+  std::fill(t0, t0 + groups * W, 0.0);
+  std::fill(t1, t1 + groups * W, 0.0);
   // The lists' buffers are the thread's, kept from call to call ((256, 1024) topk forward, 1
   // thread: allocating and clearing them per call was 3-5% of it). Reached through a local
   // reference: the lambdas below capture it, where each use of the thread_local itself looked
@@ -295,8 +303,8 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
   LaneLists<A>& lists = thread_lists;
   auto fold = [&] {
     for (int64_t gi = 0; gi < groups; ++gi) {
-      add_widened(t0.data() + gi * W, s0[gi]);
-      add_widened(t1.data() + gi * W, s1[gi]);
+      add_widened(t0 + gi * W, s0[gi]);
+      add_widened(t1 + gi * W, s1[gi]);
       s0[gi] = s1[gi] = V{};
     }
   };
@@ -310,7 +318,7 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
       if (ext.picked != nullptr && (ext.chunks == 1 || chunk_picks) && parts.count == 1 && next_row == t.row_end &&
           lists.base == 0 && t.row_end == l.count()) {
         // (`mean`: the stats pass's pivot, if any.)
-        lists.cover_deviations(t0.data(), mean != nullptr ? mean + t.c_begin : nullptr, channels, l.count(),
+        lists.cover_deviations(t0, mean != nullptr ? mean + t.c_begin : nullptr, channels, l.count(),
                                ext.chunks == 1);
       }
       if (chunk_picks && next_row == t.row_end && lists.by_deviation()) {
@@ -329,7 +337,7 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
   };
   auto mean_of = [&](int64_t gi) {
     V m;
-    std::memcpy(&m, means.data() + gi * W, sizeof m);
+    std::memcpy(&m, means + gi * W, sizeof m);
     return m;
   };
   // The row at `offset`, channel vector gi (n channels of it; lanes past them compute on
@@ -395,9 +403,9 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
     auto walk_rows = [&](auto fetching, auto with_grad) {
       const T* const xt = x + t.c_begin;
       const T* const gt = decltype(with_grad)::value ? g + t.c_begin : nullptr;
-      V* const acc0 = s0.data();
-      V* const acc1 = s1.data();
-      const A* const means_t = means.data();
+      V* const acc0 = s0;
+      V* const acc1 = s1;
+      const A* const means_t = means;
       const int64_t vectors = groups, ahead = distance;
       const int last = tail;
       for_each_row(l, row_begin, row_end, [&](int64_t, int64_t offset) {

@@ -314,9 +314,12 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
 
   Scratch scratch;
   const Values<double> w = per_channel(scratch, weight, channels, 1.0), b = per_channel(scratch, bias, channels, 0.0);
-  Values<double> mean = scratch.take<double>(channels);
-  const Values<double> invstd = scratch.take<double>(channels), scale = scratch.take<double>(channels);
-  const Values<double> coef = scratch.take<double>(channels * 3), sparse = scratch.take<double>(channels * cols);
+  // Zeros only where a path may leave values unset and write them out: evaluation's coef
+  // (sigma and the phi terms, none there). Training sets every channel's (finish_channels).
+  Values<double> mean = scratch.take_unset<double>(channels);
+  const Values<double> invstd = scratch.take_unset<double>(channels), scale = scratch.take_unset<double>(channels);
+  const Values<double> coef = training ? scratch.take_unset<double>(channels * 3) : scratch.take<double>(channels * 3);
+  const Values<double> sparse = scratch.take<double>(channels * cols);
   auto affine = [&](const Tile& t) {
     kernels.apply_affine({layout, dtype, xp, yp, mean.data(), scale.data(), b.data(), stream}, t);
   };
@@ -328,11 +331,19 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
     const int64_t lists = spec.chunks * per_end;  // candidates per channel and end
     const bool dense = spec.uses_deviation_sums();
     const core::ChannelConstants constants = core::channel_constants(spec, m);  // once per call (host integration)
-    const Values<double> unbiased = scratch.take<double>(channels);
+    const Values<double> unbiased = scratch.take_unset<double>(channels);
     int64_t* index = sparse_index.mutable_data_ptr<int64_t>();
     const int64_t buffers = plan.fused ? 1 : plan.parts;
-    const Values<double> sum = scratch.take<double>(buffers * channels);
-    const Values<double> deviation = scratch.take<double>(buffers * channels), phi = scratch.take<double>(buffers * channels);
+    // The partial sums are set by the passes, every tile its channels' (a [parts][C] buffer of
+    // the split schedule is 8 x 16 KiB for (256, 2048): filled, they had cost ~10 us a call).
+    // The deviation sums have parts only where the split schedule's deviation pass may run;
+    // the extreme norms never set theirs, which core reads (and ignores) as zeros.
+    const Values<double> sum = scratch.take_unset<double>(buffers * channels);
+    const bool deviation_parts = dense && !plan.fused;
+    const Values<double> deviation = deviation_parts ? scratch.take_unset<double>(buffers * channels)
+                                                     : scratch.take<double>(channels);
+    const Values<double> phi = deviation_parts ? scratch.take_unset<double>(buffers * channels)
+                                               : scratch.take<double>(channels);
     // Set by collect_stats (every tile resets its channels' lists and picks).
     const Values<core::Candidate> largest = scratch.take_unset<core::Candidate>(buffers * channels * lists);
     const Values<core::Candidate> smallest = scratch.take_unset<core::Candidate>(buffers * channels * lists);
@@ -342,8 +353,8 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
     // linf -0.31, and 1.6 on (32, 16, 8, 8)).
     const bool shifted = !in_half;
     const bool one_pass_l2 = shifted && spec.kind == core::NormKind::L2;
-    const Values<double> pivot = scratch.take<double>(shifted ? buffers * channels : 0);
-    const Values<double> sum_sq = scratch.take<double>(pivot.count);
+    const Values<double> pivot = scratch.take_unset<double>(shifted ? buffers * channels : 0);
+    const Values<double> sum_sq = scratch.take_unset<double>(one_pass_l2 ? pivot.count : 0);
     // The fused topk forward: the stats pass may pick each chunk's largest |x - mean| itself.
     const bool pick_in_pass = plan.fused && spec.kind == core::NormKind::TopK;
     const Values<core::Deviation> picked = scratch.take_unset<core::Deviation>(pick_in_pass ? channels * lists : 0);
@@ -575,10 +586,11 @@ BackwardResult batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& 
   Plan plan = make_plan(layout, x.element_size(), 2);
   plan.fused = plan.fused && !in_half;
   const int64_t buffers = plan.fused ? 1 : plan.parts;
-  Values<double> sum_g = scratch.take<double>(buffers * channels);
-  const Values<double> sum_gd = scratch.take<double>(buffers * channels);
-  const Values<core::GradCoefficients> grad_coef = scratch.take<core::GradCoefficients>(channels);
-  const Values<double> grad_weight = scratch.take<double>(channels);
+  // Set by the passes (reduce_grad, every tile its channels') and finish, every channel's.
+  Values<double> sum_g = scratch.take_unset<double>(buffers * channels);
+  const Values<double> sum_gd = scratch.take_unset<double>(buffers * channels);
+  const Values<core::GradCoefficients> grad_coef = scratch.take_unset<core::GradCoefficients>(channels);
+  const Values<double> grad_weight = scratch.take_unset<double>(channels);
   auto reduce = [&](const Tile& t, int64_t part) {
     kernels.reduce_grad({layout, dtype, gp, xp, mean.data(),
                          sum_g.data() + part * channels, sum_gd.data() + part * channels},

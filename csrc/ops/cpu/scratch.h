@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -62,6 +63,10 @@ class Scratch {
     T* p = reinterpret_cast<T*>(blocks_.back().data.get() + used_);
     used_ += words;
     taken_ += words;
+#if defined(LPNORM_POISON_SCRATCH)
+    // A check build: NaN doubles, index -1, so a value read before a pass sets it shows.
+    std::memset(static_cast<void*>(p), 0xff, words * sizeof(Word));
+#endif
     return {p, count};
   }
 
