@@ -18,6 +18,8 @@
 #define LPNORM_FORK_GOMP 1
 extern "C" {
 void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags) __attribute__((weak));
+int omp_get_thread_num() __attribute__((weak));
+int omp_get_num_threads() __attribute__((weak));
 }
 #endif
 
@@ -44,19 +46,29 @@ inline void cpu_parallel_for(int64_t begin, int64_t end, int64_t grain, const F&
     std::atomic_flag failed = ATOMIC_FLAG_INIT;
     std::exception_ptr error;
   } shared{&f, begin, end, (count + threads - 1) / threads};
-  // Each thread of the team takes the next chunk (which thread runs which range does not
-  // change any result: every tile writes its own outputs).
+  // Thread i of the team takes chunk i, as torch's OpenMP parallel_for does, so each pass of
+  // a call finds the rows it reads in the core that read or wrote them last. (Chunks taken
+  // first come first served left (256, 1024) float32 l2 forward+backward at 2 threads 1.10x
+  // torch, 0.85-0.92x this way; l1 1.15 -> 0.89-0.98.) A team smaller than asked for shares
+  // the chunks past it. Which thread runs which range does not change any result: every tile
+  // writes its own outputs.
   GOMP_parallel(
       [](void* data) {
         auto& s = *static_cast<Shared*>(data);
-        for (;;) {
-          const int64_t first = s.begin + s.next.fetch_add(1) * s.chunk;
-          if (first >= s.end) return;
+        auto run = [&s](int64_t chunk) {
+          const int64_t first = s.begin + chunk * s.chunk;
+          if (first >= s.end) return false;
           try {
             (*s.f)(first, std::min(s.end, first + s.chunk));
           } catch (...) {
             if (!s.failed.test_and_set()) s.error = std::current_exception();
           }
+          return true;
+        };
+        const bool numbered = omp_get_thread_num != nullptr && omp_get_num_threads != nullptr;
+        const int64_t team = numbered ? omp_get_num_threads() : 0;
+        if (numbered) run(omp_get_thread_num());
+        while (run(team + s.next.fetch_add(1))) {
         }
       },
       &shared, static_cast<unsigned>(threads), 0);
