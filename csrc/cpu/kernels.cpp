@@ -228,25 +228,46 @@ void apply_grad(const GradApplyArgs& a, const Tile& t) {
       const T* x = static_cast<const T*>(a.x);
       const T* g = static_cast<const T*>(a.grad);
       T* out = static_cast<T*>(a.grad_x);
+      // Channel c's term at element `flat` of its plane (index order), with coefficient sum
+      // `sparse`: the element recomputed whole.
+      auto term = [&](int64_t c, int64_t flat, double sparse) __attribute__((always_inline)) {
+        const core::GradCoefficients& k = a.coef[c];
+        // (N, C): one element per row and channel, no division.
+        const int64_t offset = c * l.stride_c +
+                               (l.S == 1 ? flat * l.stride_n : flat / l.S * l.stride_n + flat % l.S * l.stride_s);
+        const double d = static_cast<double>(core::Element<T>::load(x[offset])) - a.mean[c];
+        const double gv = static_cast<double>(core::Element<T>::load(g[offset]));
+        // As the dense pass (GradApplyOp): no phi term without a phi (the norms with sparse
+        // terms), where scale_phi is dsigma * 0, NaN if dsigma is not finite.
+        double phi_term = 0.0;
+        if constexpr (phi.value != PhiKind::None) phi_term = k.scale_phi * core::phi(phi.value, d, a.power);
+        const double dense = k.scale_g * gv + phi_term + k.offset;
+        using acc = typename core::Element<T>::acc;
+        out[offset] = core::Element<T>::store(static_cast<acc>(dense + k.sparse_scale * sparse));
+      };
       // Channels that share a cache line are visited a line apart (c, c + L, ..., then c + 1):
       // where rows are a multiple of 4 KiB apart, all of a line's channels' elements fall in
       // one L1 set, and terms that follow each other there wait on each other. (256, 1024)
       // topk backward, 1 thread: 93-100 us before this loop was lean (no repeat search, the
       // channel's values in locals), 76-78 after, but 117-120 lean and channel by channel.
       const int64_t per_line = innermost ? static_cast<int64_t>(kLineBytes / sizeof(T)) : 1;
-      // A channel's terms in the tile's rows, listed without a branch: a row block of an (N, C)
-      // input holds a few of each channel's terms, and a branch on each mispredicted on most
-      // ((256, 1024) topk backward in 4 row blocks: 138-198 -> 227-241 us).
-      int64_t* const in_tile = thread_array<struct TermsInTile, int64_t>(per_channel);
+      // The tile's terms are listed first, without a branch, then updated in one loop: a row
+      // block of an (N, C) input holds a few of each channel's terms, and a branch on each
+      // mispredicted on most ((256, 1024) topk backward in 4 row blocks: 138-198 -> 227-241 us);
+      // a loop per channel over its listed terms mispredicted its exit about once a channel
+      // ((256, 1024) topk backward on a Xeon, 1 thread 236-241 -> 226-230 us, 2 threads 108 -> 101-104).
+      const int64_t tile_terms = (t.c_end - t.c_begin) * per_channel;
+      int64_t* const term_channel = thread_array<struct TermChannels, int64_t>(tile_terms);
+      int64_t* const term_entry = thread_array<struct TermEntries, int64_t>(tile_terms);
+      int64_t listed = 0;
       const auto rows = static_cast<uint64_t>(t.row_end - t.row_begin);
       for (int64_t first = t.c_begin; first < std::min(t.c_end, t.c_begin + per_line); ++first) {
         for (int64_t c = first; c < t.c_end; c += per_line) {
           const int64_t* index = a.sparse_index + c * per_channel;
-          const double* coef = a.sparse_coef + c * per_channel;
           // Where an index can repeat (sparse_may_repeat), its terms are summed at its
           // first entry. Only a channel that may have repeats searches for them per entry:
           // the indices are filed by their low bits, and a filled slot (a repeat, or two
-          // indices that share the bits) sends the channel to the search.
+          // indices that share the bits) sends the channel to the search, here.
           bool repeats = false;
           if (a.sparse_may_repeat) {
             uint64_t filled[kRepeatSlots / 64] = {};
@@ -256,40 +277,30 @@ void apply_grad(const GradApplyArgs& a, const Tile& t) {
               filled[slot / 64] |= uint64_t{1} << (slot % 64);
             }
           }
-          // The channel's coefficients and elements in locals: the loop over its terms is
-          // a few loads, two multiply-adds and a store.
-          const core::GradCoefficients k = a.coef[c];
-          const double mean = a.mean[c];
-          const int64_t at_channel = c * l.stride_c;
-          int64_t listed = 0;
-          for (int64_t i = 0; i < per_channel; ++i) {
-            in_tile[listed] = i;
-            listed += static_cast<uint64_t>(index[i] - t.row_begin) < rows ? 1 : 0;
-          }
-          for (int64_t e = 0; e < listed; ++e) {
-            const int64_t i = in_tile[e];
-            const int64_t flat = index[i];
-            double sparse = coef[i];
-            if (repeats) {
+          if (repeats) {
+            const double* coef = a.sparse_coef + c * per_channel;
+            for (int64_t i = 0; i < per_channel; ++i) {
+              const int64_t flat = index[i];
+              if (static_cast<uint64_t>(flat - t.row_begin) >= rows) continue;
               bool first_entry = true;
               for (int64_t j = 0; j < i; ++j) first_entry = first_entry && index[j] != flat;
               if (!first_entry) continue;
+              double sparse = coef[i];
               for (int64_t j = i + 1; j < per_channel; ++j) sparse += index[j] == flat ? coef[j] : 0.0;
+              term(c, flat, sparse);
             }
-            // (N, C): one element per row and channel, no division.
-            const int64_t offset =
-                at_channel + (l.S == 1 ? flat * l.stride_n : flat / l.S * l.stride_n + flat % l.S * l.stride_s);
-            const double d = static_cast<double>(core::Element<T>::load(x[offset])) - mean;
-            const double gv = static_cast<double>(core::Element<T>::load(g[offset]));
-            // As the dense pass (GradApplyOp): no phi term without a phi (the norms with sparse
-            // terms), where scale_phi is dsigma * 0, NaN if dsigma is not finite.
-            double phi_term = 0.0;
-            if constexpr (phi.value != PhiKind::None) phi_term = k.scale_phi * core::phi(phi.value, d, a.power);
-            const double dense = k.scale_g * gv + phi_term + k.offset;
-            using acc = typename core::Element<T>::acc;
-            out[offset] = core::Element<T>::store(static_cast<acc>(dense + k.sparse_scale * sparse));
+            continue;
+          }
+          for (int64_t i = 0; i < per_channel; ++i) {
+            term_channel[listed] = c;
+            term_entry[listed] = c * per_channel + i;
+            listed += static_cast<uint64_t>(index[i] - t.row_begin) < rows ? 1 : 0;
           }
         }
+      }
+      for (int64_t e = 0; e < listed; ++e) {
+        const int64_t entry = term_entry[e];
+        term(term_channel[e], a.sparse_index[entry], a.sparse_coef[entry]);
       }
     });
   });
