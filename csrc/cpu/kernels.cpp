@@ -168,8 +168,10 @@ bool map_with_lane_terms(const GradApplyArgs& a, const Tile& t, const Params& pa
   const int64_t channels = t.c_end - t.c_begin, rows = t.row_end - t.row_begin;
   const int64_t groups = (channels + W - 1) / W;
   if (per_channel < kLaneTermsFrom || rows * groups > kLaneWordsPerTerm * per_channel * channels) return false;
-  uint32_t* const bits = thread_array<struct LaneTermBits, uint32_t>(rows * groups);
-  V* const magnitude = thread_array<struct LaneTermMagnitudes, V>(groups);
+  const ThreadArray<struct LaneTermBits, uint32_t> bit_words(rows * groups);
+  const ThreadArray<struct LaneTermMagnitudes, V> magnitudes(groups);
+  uint32_t* const bits = bit_words.data();
+  V* const magnitude = magnitudes.data();
   std::fill(bits, bits + rows * groups, 0u);
   std::fill(magnitude, magnitude + groups, V{});
   for (int64_t ci = 0; ci < channels; ++ci) {
@@ -257,8 +259,10 @@ void apply_grad(const GradApplyArgs& a, const Tile& t) {
       // a loop per channel over its listed terms mispredicted its exit about once a channel
       // ((256, 1024) topk backward on a Xeon, 1 thread 236-241 -> 226-230 us, 2 threads 108 -> 101-104).
       const int64_t tile_terms = (t.c_end - t.c_begin) * per_channel;
-      int64_t* const term_channel = thread_array<struct TermChannels, int64_t>(tile_terms);
-      int64_t* const term_entry = thread_array<struct TermEntries, int64_t>(tile_terms);
+      const ThreadArray<struct TermChannels, int64_t> term_channels(tile_terms);
+      const ThreadArray<struct TermEntries, int64_t> term_entries(tile_terms);
+      int64_t* const term_channel = term_channels.data();
+      int64_t* const term_entry = term_entries.data();
       int64_t listed = 0;
       const auto rows = static_cast<uint64_t>(t.row_end - t.row_begin);
       for (int64_t first = t.c_begin; first < std::min(t.c_end, t.c_begin + per_line); ++first) {

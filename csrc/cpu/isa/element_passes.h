@@ -243,7 +243,8 @@ void map_channels_innermost(const Layout& l, const Tile& t, const T* x, const T*
   const auto line_multiple = [](int64_t elements) { return elements * sizeof(T) % kLineBytes == 0; };
   stream = stream && line_multiple(channels) && (l.S == 1 || line_multiple(l.stride_s)) &&
            (l.N == 1 || line_multiple(l.stride_n));
-  V* const k = thread_array<struct Parameters, V>(groups * 4);  // [group][parameter], lanes = channels
+  const ThreadArray<struct Parameters, V> parameters(groups * 4);
+  V* const k = parameters.data();  // [group][parameter], lanes = channels
   std::fill(k + (groups - 1) * 4, k + groups * 4, V{});  // the last vector's lanes past the channels
   for (int64_t c = 0; c < channels; ++c) {
     for (int j = 0; j < 4; ++j) k[(c / W) * 4 + j][c % W] = static_cast<A>(params(t.c_begin + c, j));

@@ -260,16 +260,14 @@ void reduce_channel_major(const Layout& l, const Tile& t, const T* x, const T* g
 }
 
 
-// Per-channel values of a channels-innermost tile (zeros where `values` is null) as an
-// accumulation-type array of the thread's, padded with zeros to whole vectors.
+// Per-channel values of a channels-innermost tile (zeros where `values` is null) into `out`,
+// an accumulation-type array padded with zeros to whole vectors.
 template <typename A>
-const A* channel_values(const double* values, const Tile& t, int W) {
+void channel_values(const double* values, const Tile& t, int W, A* out) {
   const int64_t channels = t.c_end - t.c_begin;
   const int64_t padded = (channels + W - 1) / W * W;
-  A* out = thread_array<struct ChannelValues, A>(padded);
   for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<A>(values != nullptr ? values[t.c_begin + c] : 0.0);
   std::fill(out + channels, out + padded, A(0));
-  return out;
 }
 
 
@@ -285,14 +283,20 @@ void reduce_channels_innermost(const Layout& l, const Parts& parts, const T* x, 
   const int64_t channels = t.c_end - t.c_begin;
   const int64_t groups = (channels + W - 1) / W;
   const int tail = static_cast<int>(channels - (groups - 1) * W);
-  const A* const means = channel_values<A>(mean, t, W);
-  V* const s0 = thread_array<struct FloatSums0, V>(groups);
-  V* const s1 = thread_array<struct FloatSums1, V>(groups);
+  const ThreadArray<struct ChannelMeans, A> mean_values(groups * W);
+  const ThreadArray<struct FloatSums0, V> float_sums0(groups);
+  const ThreadArray<struct FloatSums1, V> float_sums1(groups);
+  const ThreadArray<struct DoubleSums0, double> double_sums0(groups * W);
+  const ThreadArray<struct DoubleSums1, double> double_sums1(groups * W);
+  channel_values<A>(mean, t, W, mean_values.data());
+  const A* const means = mean_values.data();
+  V* const s0 = float_sums0.data();
+  V* const s1 = float_sums1.data();
   std::fill(s0, s0 + groups, V{});
   std::fill(s1, s1 + groups, V{});
   // Lanes past the tile's channels (of the last vector) sum zeros.
-  double* const t0 = thread_array<struct DoubleSums0, double>(groups * W);
-  double* const t1 = thread_array<struct DoubleSums1, double>(groups * W);
+  double* const t0 = double_sums0.data();
+  double* const t1 = double_sums1.data();
   std::fill(t0, t0 + groups * W, 0.0);
   std::fill(t1, t1 + groups * W, 0.0);
   // The lists' buffers are the thread's, kept from call to call ((256, 1024) topk forward, 1

@@ -335,7 +335,8 @@ ForwardResult batch_norm_forward_cpu(const Tensor& input, const OptionalTensor& 
     int64_t* index = sparse_index.mutable_data_ptr<int64_t>();
     const int64_t buffers = plan.fused ? 1 : plan.parts;
     // The partial sums are set by the passes, every tile its channels' (a [parts][C] buffer of
-    // the split schedule is 8 x 16 KiB for (256, 2048): filled, they had cost ~10 us a call).
+    // the split schedule is 8 x 16 KiB for (256, 2048); with these fills and the passes' own
+    // gone, its l2 forward at 2 threads went from 207-221 to 181 us).
     // The deviation sums have parts only where the split schedule's deviation pass may run;
     // the extreme norms never set theirs, which core reads (and ignores) as zeros.
     const Values<double> sum = scratch.take_unset<double>(buffers * channels);
