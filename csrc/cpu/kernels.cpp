@@ -258,6 +258,8 @@ void apply_grad(const GradApplyArgs& a, const Tile& t) {
       // mispredicted on most ((256, 1024) topk backward in 4 row blocks: 138-198 -> 227-241 us);
       // a loop per channel over its listed terms mispredicted its exit about once a channel
       // ((256, 1024) topk backward on a Xeon, 1 thread 236-241 -> 226-230 us, 2 threads 108 -> 101-104).
+      // (Each listed term keeps its channel beside its entry, c * per_channel + i: deriving it
+      // would divide once a term.)
       const int64_t tile_terms = (t.c_end - t.c_begin) * per_channel;
       const ThreadArray<struct TermChannels, int64_t> term_channels(tile_terms);
       const ThreadArray<struct TermEntries, int64_t> term_entries(tile_terms);

@@ -151,18 +151,17 @@ inline Plan make_plan(const core::ChannelLayout& l, int64_t element_bytes, int64
     // linf forward 1.21 -> 1.37, topk 2.19 -> 2.31): it keeps the plain test. (Not measured on
     // Zen 4, whose 1 MiB L2 had chosen these spans.)
     const int64_t row_bytes = (l.S > 1 ? l.stride_s : l.stride_n) * element_bytes;
-    const auto dense_span_fits = [&](int64_t span) {
-      return static_cast<double>(m * span * element_bytes * (streams + 1)) <=
-             static_cast<double>(l2_cache_bytes() * 7 / 8) * cache_set_share(span * element_bytes, row_bytes);
-    };
-    const bool span_fits = per_end > 0 ? fits_l2(fused_span) : dense_span_fits(fused_span);
+    const bool dense_span_fits =
+        static_cast<double>(m * fused_span * element_bytes * (streams + 1)) <=
+        static_cast<double>(l2_cache_bytes() * 7 / 8) * cache_set_share(fused_span * element_bytes, row_bytes);
+    const bool span_fits = per_end > 0 ? fits_l2(fused_span) : dense_span_fits;
     if (forced != Forced::Split && (l.C + fused_span - 1) / fused_span >= kMinFusedSpans && span_fits) {
       plan.fused = true;
       // Where x and y overflow that share, the extreme norms' element pass runs apart, in
       // blocks of whole rows. In-process A/B on the Xeon, forward x torch: (256, 1024) topk
       // 2.08 -> 1.83, linf 1.11 -> 0.95; (8, 256, 14, 14) channels-last topk 1.77 -> 1.44, linf
       // 1.32 -> 0.99; (64, 1024), which fits, 2.42 -> 2.52 and 1.18 -> 1.22 apart.
-      plan.apply_apart = !dense_span_fits(fused_span);
+      plan.apply_apart = !dense_span_fits;
       for (int64_t c = 0; c < l.C; c += fused_span) add(c, std::min(l.C, c + fused_span), 0);
       return plan;
     }
