@@ -13,7 +13,10 @@ import subprocess
 import sys
 from datetime import timedelta
 
+import pytest
 import torch
+
+from conftest import DEVICES
 
 ROWS = (3, 5)        # uneven batch sizes of rank 0 and rank 1 (8 rows in all)
 CHANNELS = 4
@@ -73,11 +76,14 @@ def _run(module, x, g):
                 num_batches_tracked=module.num_batches_tracked.clone(), eval_out=y_eval)
 
 
-def _worker(rank, world, port, out_path):
+def _worker(rank, world, port, out_path, stages):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     import lpnorm
+
+    if stages == "composite":  # CUDA's stage kernels, on CPU tensors in place of the CPU kernels
+        library = _use_composite_stages_on_cpu()  # registered while it lives
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
@@ -101,9 +107,36 @@ def _worker(rank, world, port, out_path):
             local = lpnorm.nn.LpBatchNorm2d(CHANNELS, dtype=dtype, **options)
             with torch.no_grad():
                 results[name]["local_out"] = local(x[rows])
+    if stages == "composite":
+        results["composite_calls"] = _COMPOSITE_CALLS
     torch.save(results, out_path)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _use_composite_stages_on_cpu():
+    """Registers lpnorm/_composite_stages.py's functions as the CPU kernels of the stage
+    operators (their finalize runs the CPU kernel itself, so it stays)."""
+    import warnings
+
+    from lpnorm import _composite_stages
+
+    def counted(name, fn):
+        def call(*args):
+            _COMPOSITE_CALLS[name] = _COMPOSITE_CALLS.get(name, 0) + 1
+            return fn(*args)
+        return call
+
+    library = torch.library.Library("lpnorm", "IMPL")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Oo]verrid")
+        for name, fn in _composite_stages._STAGES.items():
+            if name != "batch_norm_finalize":
+                library.impl(name, counted(name, fn), "CPU")
+    return library
+
+
+_COMPOSITE_CALLS = {}  # stage name -> calls, in a worker that runs the compositions
 
 
 def _free_port():
@@ -117,13 +150,16 @@ def _close(actual, expected, dtype, what):
     torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f"{what}: {m}")
 
 
-def test_two_gloo_processes_equal_one_process_over_the_concatenated_batch(tmp_path):
+@pytest.mark.parametrize("stages", ["native", "composite"])
+def test_two_gloo_processes_equal_one_process_over_the_concatenated_batch(tmp_path, stages):
+    """native: the CPU stage kernels; composite: the ATen compositions CUDA runs, here on CPU
+    tensors (the same layer code and collectives as on GPUs, short of NCCL)."""
     import lpnorm
 
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(rank), "2", str(port),
-                               str(tmp_path / f"rank{rank}.pt")], env=env, stdout=subprocess.PIPE,
+                               str(tmp_path / f"rank{rank}.pt"), stages], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
              for rank in range(2)]
     logs = []
@@ -138,6 +174,11 @@ def test_two_gloo_processes_equal_one_process_over_the_concatenated_batch(tmp_pa
     for rank, (proc, log) in enumerate(zip(procs, logs)):
         assert proc.returncode == 0, f"rank {rank} failed (rc {proc.returncode}):\n{log}"
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    if stages == "composite":  # the compositions ran, every one of them, on both ranks
+        for rank in ranks:
+            assert set(rank.pop("composite_calls")) == {"batch_norm_collect", "batch_norm_deviations",
+                                                        "batch_norm_apply", "batch_norm_reduce_grad",
+                                                        "batch_norm_apply_grad"}
 
     for index, case in enumerate(CASES):
         name, options, kind, dtype = case[:4]
@@ -180,8 +221,8 @@ def test_single_process_falls_back_to_the_local_batch_norm():
 
 def test_synchronized_calls_are_refused_before_any_communication(monkeypatch):
     # In a (pretended) process group of two, refused calls raise before any collective, on
-    # every process alike: a GPU input (the stage operators have CPU kernels only; a meta
-    # tensor here) and the arguments LpBatchNorm2d refuses.
+    # every process alike: an input on a device without stage kernels (CPU and CUDA have
+    # them; a meta tensor here) and the arguments LpBatchNorm2d refuses.
     import pytest
     import torch.distributed as dist
 
@@ -192,7 +233,7 @@ def test_synchronized_calls_are_refused_before_any_communication(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     monkeypatch.setattr(dist, "group", type("Groups", (), {"WORLD": object()}))
     layer = lpnorm.nn.SyncLpBatchNorm(3)
-    with pytest.raises(NotImplementedError, match="CPU tensors.*got input on meta"):
+    with pytest.raises(NotImplementedError, match="CPU or CUDA tensors.*got input on meta"):
         layer(torch.empty(4, 3, 2, 2, device="meta"))
     # so are arguments LpBatchNorm2d refuses, with its messages, before any communication
     with pytest.raises(ValueError, match="weight must have one value per channel"):
@@ -291,6 +332,131 @@ def test_stage_operators_pass_opcheck_and_equal_the_fused_operator():
         torch.library.opcheck(ops.batch_norm_apply, (x, mean, invstd, w, b))
         torch.library.opcheck(ops.batch_norm_reduce_grad, (g, x, mean))
         torch.library.opcheck(ops.batch_norm_apply_grad, grad_args)
+
+
+def _stage_input(kind, dtype, shape, channels_last):
+    gen = torch.Generator().manual_seed(len(shape) * 100 + sum(shape))
+    if kind == "ties":
+        x = torch.randint(-3, 4, shape, generator=gen).to(dtype)
+    else:
+        x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    if kind == "special":  # NaN never enters the candidate lists, nor does -inf (x) or +inf (-x)
+        flat = x.view(-1)
+        flat[::7], flat[3::11], flat[5::13] = float("nan"), float("inf"), float("-inf")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x, torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def _composite_stages_on(device):
+    """The compositions on `device`, results on the CPU: called directly on CPU tensors, and
+    through the operators (the CUDA key) on a GPU."""
+    from lpnorm import _composite_stages as composite
+
+    if device == "cpu":
+        return composite
+    def through_operator(name):
+        def run(*args):
+            moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]  # layouts kept
+            out = getattr(torch.ops.lpnorm, f"batch_norm_{name}")(*moved)
+            return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
+        return run
+    return type("OnDevice", (), {name: staticmethod(through_operator(name)) for name in
+                                 ("collect", "deviations", "apply", "reduce_grad", "apply_grad")})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_composite_stages_equal_the_cpu_kernels(dtype, device):
+    """The stage operators' CUDA kernels (lpnorm/_composite_stages.py, ATen compositions), on
+    CPU tensors (and on the GPU where there is one) against the CPU kernels: the same
+    candidates (values, global indices, ties to the lowest, NaN and infinities), sums and
+    outputs to rounding, outputs in the input's layout, sparse terms only where a process's
+    rows hold them."""
+    composite = _composite_stages_on(device)
+    ops = torch.ops.lpnorm
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
+    params = torch.float64 if dtype == torch.float64 else torch.float32
+    shapes = [((6, 3, 4, 5), False), ((6, 3, 4, 5), True), ((9, 5), False), ((4, 3, 7), False),
+              ((2, 2, 3, 2, 2), True), ((0, 3, 2, 2), False)]
+    norms = [("l2", 1, 2.0), ("l1", 1, 2.0), ("linf", 1, 2.0), ("topk", 3, 2.0), ("range", 1, 2.0), ("p", 1, 3.0)]
+    for shape, channels_last in shapes:
+        channels = shape[1]
+        m = torch.Size(shape).numel() // channels
+        w = torch.rand(channels, dtype=params) + 0.5
+        b = torch.randn(channels, dtype=params)
+        for kind in ("normal", "ties", "special"):
+            x, g = _stage_input(kind, dtype, shape, channels_last)
+            for norm, k, p in norms + [("topk", 2 * m + 1, 2.0)]:  # more candidates than elements: empty slots
+                where = f"{dtype} {shape} channels_last={channels_last} {kind} {norm} k={k}"
+                native = ops.batch_norm_collect(x, norm, k, 5)
+                ours = composite.collect(x, norm, k, 5)
+                assert torch.equal(ours[1], native[1]) and torch.equal(ours[2], native[2]), where
+                torch.testing.assert_close(ours[0], native[0], rtol=1e-12 if dtype == torch.float64 else 1e-6,
+                                           atol=0 if dtype == torch.float64 else 1e-5, equal_nan=True, msg=where)
+                if m == 0 or kind == "special" or k > m:
+                    continue
+                mean = native[0] / m
+                deviation = ops.batch_norm_deviations(x, mean, norm, p)
+                torch.testing.assert_close(composite.deviations(x, mean, norm, p), deviation, **tol, msg=where)
+                mean, invstd, coef, index, sparse, _ = ops.batch_norm_finalize(
+                    m, native[0], deviation[0], deviation[1], native[1], native[2], 1e-5, norm, k, p, "exact")
+                for weight, bias in ((w, b), (None, None)):
+                    expected = ops.batch_norm_apply(x, mean, invstd, weight, bias)
+                    got = composite.apply(x, mean, invstd, weight, bias)
+                    torch.testing.assert_close(got, expected, **tol, msg=where)
+                    assert got.stride() == expected.stride(), where
+                sums = ops.batch_norm_reduce_grad(g, x, mean)
+                torch.testing.assert_close(composite.reduce_grad(g, x, mean), sums, **tol, msg=where)
+                # indices of this process (offset 0), shifted so some fall in another's rows
+                for shift, offset in ((0, 0), (5, 2)):
+                    args = (g, x, w, mean, invstd, coef, index + shift, sparse, sums[0], sums[1], m, norm, p, offset)
+                    expected = ops.batch_norm_apply_grad(*args)
+                    got = composite.apply_grad(*args)
+                    torch.testing.assert_close(got, expected, **tol, msg=where)
+                    assert got.stride() == expected.stride(), where
+
+
+def test_composite_stages_pass_opcheck():
+    """The compositions as the stage operators' kernels (here CPU's, for the test's length)
+    agree with the fake kernels and the schemas (torch.library.opcheck); the CPU kernels are
+    back once the registration goes."""
+    import lpnorm  # noqa: F401
+
+    ops = torch.ops.lpnorm
+    x, g = _stage_input("normal", torch.float32, (4, 3, 5), False)
+    w = torch.rand(3) + 0.5
+    library = _use_composite_stages_on_cpu()
+    try:
+        for norm, k, p in [("l1", 1, 2.0), ("topk", 3, 2.0), ("range", 1, 2.0), ("p", 1, 3.0)]:
+            total, value, index = ops.batch_norm_collect(x, norm, k, 7)
+            deviation, phi = ops.batch_norm_deviations(x, total / 20, norm, p)
+            mean, invstd, coef, sparse_index, sparse_coef, _ = ops.batch_norm_finalize(
+                20, total, deviation, phi, value, index - 7, 1e-5, norm, k, p, "exact")
+            sum_g, sum_gd = ops.batch_norm_reduce_grad(g, x, mean)
+            torch.library.opcheck(ops.batch_norm_collect, (x, norm, k, 7))
+            torch.library.opcheck(ops.batch_norm_deviations, (x, total / 20, norm, p))
+            torch.library.opcheck(ops.batch_norm_apply, (x, mean, invstd, w, None))
+            torch.library.opcheck(ops.batch_norm_reduce_grad, (g, x, mean))
+            torch.library.opcheck(ops.batch_norm_apply_grad, (g, x, w, mean, invstd, coef, sparse_index, sparse_coef,
+                                                              sum_g, sum_gd, 20, norm, p, 0))
+        assert _COMPOSITE_CALLS.get("batch_norm_apply_grad", 0) > 0
+        with pytest.raises(ValueError, match="lpnorm.batch_norm_collect: norm must be one of"):
+            ops.batch_norm_collect(x, "l3", 1, 0)
+    finally:
+        del library
+    with pytest.raises(ValueError, match="lpnorm.batch_norm: norm must be one of"):  # the CPU kernel's message
+        ops.batch_norm_collect(x, "l3", 1, 0)
+
+
+def test_composite_stages_are_registered_for_cuda():
+    """Not run on a GPU here: the CUDA key routes to the compositions, and finalize's runs the
+    CPU kernel on copies of its per-channel tensors."""
+    import lpnorm  # noqa: F401
+
+    for name in ("batch_norm_collect", "batch_norm_deviations", "batch_norm_finalize", "batch_norm_apply",
+                 "batch_norm_reduce_grad", "batch_norm_apply_grad"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lpnorm::{name}", "CUDA"), name
 
 
 def test_stage_collect_sums_a_constant_channel_exactly():
@@ -394,5 +560,5 @@ def test_stage_operators_split_channels_last_rows_across_threads(monkeypatch):
     torch.testing.assert_close(one["value"][0, 0], top)
 
 
-if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--worker":
-    _worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "--worker":
+    _worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6])

@@ -16,6 +16,7 @@ _library.load()
 cmake_prefix_path = _library.CMAKE_PREFIX_PATH
 
 from . import _fake  # noqa: E402  (registers fake kernels for the loaded operators)
+from . import _composite_stages  # noqa: E402,F401  (the stage operators' CUDA kernels)
 from . import functional, fx, nn  # noqa: E402
 from .convert import convert, to_torch  # noqa: E402
 from ._C import build_info  # noqa: E402

@@ -1,9 +1,11 @@
 """SyncLpBatchNorm: Lp batch norm whose training statistics are those of the whole batch
 spread over a ``torch.distributed`` process group (SPEC §6), like ``nn.SyncBatchNorm``.
 
-The math stays in the native stage operators (``torch.ops.lpnorm.batch_norm_collect`` ...,
-csrc/ops/cpu/batch_norm_stages.cpp), the same passes and per-channel core as the fused
-operator; this module only moves their per-channel results between processes:
+The math stays in the stage operators (``torch.ops.lpnorm.batch_norm_collect`` ...: on CPU
+csrc/ops/cpu/batch_norm_stages.cpp, the same passes and per-channel core as the fused
+operator; on CUDA compositions of ATen operators with the same contract,
+lpnorm/_composite_stages.py); this module only moves their per-channel results between
+processes:
 
 forward (training)
     1. ``all_gather`` of each process's row count: uneven batches, and each process's first
@@ -130,9 +132,10 @@ class SyncLpBatchNorm(_LpBatchNorm):
     input gradients, running statistics) equal those of one process over the concatenated
     batch; ``weight``/``bias`` gradients are per process, as torch's (DDP sums them).
 
-    Works with gloo on CPU; the synchronized statistics of GPU tensors are refused with a
-    NotImplementedError (the stage operators have CPU kernels only). ``chunks`` (ghost
-    batches) is not supported: only ``chunks=1``; nor is ``accumulate="half"``.
+    Works on CPU tensors (gloo) and CUDA tensors (NCCL or gloo); on CUDA the stage operators
+    are compositions of ATen operators (lpnorm/_composite_stages.py), not native kernels.
+    Other devices are refused with a NotImplementedError. ``chunks`` (ghost batches) is not
+    supported: only ``chunks=1``; nor is ``accumulate="half"``.
     In evaluation, or without an initialized process group of more than one process, it is
     a plain :class:`LpBatchNorm2d`-like layer on the local batch.
     """
@@ -185,11 +188,11 @@ class SyncLpBatchNorm(_LpBatchNorm):
             process_group = self.process_group if self.process_group is not None else dist.group.WORLD
             world_size = dist.get_world_size(process_group)
             need_sync = world_size > 1
-        if need_sync and input.device.type != "cpu":
+        if need_sync and input.device.type not in ("cpu", "cuda"):
             raise NotImplementedError(
-                f"SyncLpBatchNorm: synchronized statistics need CPU tensors (its stage operators have CPU "
-                f"kernels only; use the gloo backend); got input on {input.device}. LpBatchNorm*d normalizes "
-                f"each process's batch on any device")
+                f"SyncLpBatchNorm: synchronized statistics need CPU or CUDA tensors (its stage operators have "
+                f"kernels for those); got input on {input.device}. LpBatchNorm*d normalizes each process's batch "
+                f"on any device")
         if need_sync:
             # The fused operator's argument checks (channels, dtypes, eps, the norm's options) on
             # an empty slice of the batch, before any collective: a refused call raises on every
