@@ -11,7 +11,8 @@ They keep the CPU kernels' contract (csrc/ops/cpu/batch_norm_stages.cpp):
 - elements the sparse gradient terms touch are recomputed in float64, as the CPU pass does.
 
 What they cost over native kernels: a full-size temporary per element-wise step, and for
-top-k a stable sort of each channel (the CPU lists find the k candidates in one pass).
+top-k's candidates a few passes over each channel (a selection, a running count of the ties
+at its threshold) and a sort of the k chosen, where the CPU lists take one pass.
 ``batch_norm_finalize`` works on per-channel tensors only: it runs the CPU kernel on copies.
 
 The tests run these functions on CPU tensors against the CPU kernels, and SyncLpBatchNorm
@@ -75,16 +76,28 @@ def collect(input, norm, k, index_offset):
     by_channel = input.transpose(0, 1).reshape(channels, -1).to(_stats_dtype(input))
     for end, values in enumerate((by_channel, -by_channel)):
         key = torch.where(values > float("-inf"), values, float("-inf"))  # NaN too: never enters
-        if take == 1:
-            top = key.amax(dim=1, keepdim=True)
-            at = (key == top).to(torch.uint8).argmax(dim=1, keepdim=True)  # the first: the lowest index
-        else:
-            top, at = torch.sort(key, dim=1, descending=True, stable=True)  # equal keys keep index order
-            top, at = top[:, :take], at[:, :take]
+        top, at = _largest_first(key, take)
         entered = top > float("-inf")
         value[:, end, :take] = torch.where(entered, top.to(torch.float64), float("-inf"))
         index[:, end, :take] = torch.where(entered, at + index_offset, _NO_INDEX)
     return total, value, index
+
+
+def _largest_first(key: torch.Tensor, take: int):
+    """Each row's `take` largest keys and their columns, largest first, equal keys by column
+    (torch.topk's choice among equal keys is unspecified): the take-th largest value T by
+    topk, every key above it and the first columns equal to it, then those sorted (stable)."""
+    if take == 1:
+        top = key.amax(dim=1, keepdim=True)
+        return top, (key == top).to(torch.uint8).argmax(dim=1, keepdim=True)  # argmax: the first
+    threshold = torch.topk(key, take, dim=1).values[:, -1:]
+    above = key > threshold
+    equal = key == threshold
+    wanted = take - above.sum(dim=1, keepdim=True)  # at least 1, at most the equal keys
+    chosen = above | (equal & (equal.cumsum(dim=1) <= wanted))  # exactly `take` a row
+    at = chosen.nonzero()[:, 1].reshape(key.shape[0], take)  # column order
+    top, order = torch.sort(key.gather(1, at), dim=1, descending=True, stable=True)
+    return top, at.gather(1, order)
 
 
 def deviations(input, mean, norm, p):
