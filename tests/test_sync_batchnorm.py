@@ -1,8 +1,10 @@
-"""SyncLpBatchNorm (SPEC §6, issue 5): two gloo processes on CPU with uneven batches give
-what one process gives over the concatenated batch, for every norm: outputs, input
-gradients, weight/bias gradients (summed over the processes, as DDP does), running
-statistics and the evaluation output afterwards. Plus convert_sync_batchnorm and the
-single-process fallback.
+"""SyncLpBatchNorm (SPEC §6, issue 5): two gloo processes with uneven batches give what one
+process gives over the concatenated batch, for every norm: outputs, input gradients,
+weight/bias gradients (summed over the processes, as DDP does), running statistics and the
+evaluation output afterwards; on CPU through the CPU stage kernels and through the ATen
+compositions that are the stage operators' CUDA kernels (lpnorm/_composite_stages.py), and on
+a GPU where there is one. Plus the compositions against the CPU kernels stage by stage,
+convert_sync_batchnorm and the single-process fallback.
 
 The two processes run this file as a script (``--worker``), once for all cases, with a
 bounded timeout; the parent compares their saved results with lpnorm.nn.LpBatchNorm2d.
@@ -16,7 +18,7 @@ from datetime import timedelta
 import pytest
 import torch
 
-from conftest import DEVICES
+from conftest import CUDA_UNAVAILABLE, DEVICES, FAKE_CUDA, GPU, NO_CUDA_REASON
 
 ROWS = (3, 5)        # uneven batch sizes of rank 0 and rank 1 (8 rows in all)
 CHANNELS = 4
@@ -76,7 +78,7 @@ def _run(module, x, g):
                 num_batches_tracked=module.num_batches_tracked.clone(), eval_out=y_eval)
 
 
-def _worker(rank, world, port, out_path, stages):
+def _worker(rank, world, port, out_path, stages, device):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -99,10 +101,11 @@ def _worker(rank, world, port, out_path, stages):
             model = torch.nn.Sequential(lpnorm.nn.LpBatchNorm2d(CHANNELS, dtype=dtype, **options))
             module = lpnorm.nn.SyncLpBatchNorm.convert_sync_batchnorm(model)[0]
             assert type(module) is lpnorm.nn.SyncLpBatchNorm, type(module)
+        module.to(device)
         with torch.no_grad():
             module.weight.copy_(w)
             module.bias.copy_(b)
-        results[name] = _run(module, x[rows], g[rows])
+        results[name] = {key: value.cpu() for key, value in _run(module, x[rows].to(device), g[rows].to(device)).items()}
         if x[rows].shape[0] > 0:  # this rank's rows alone, to show the statistics were not those
             local = lpnorm.nn.LpBatchNorm2d(CHANNELS, dtype=dtype, **options)
             with torch.no_grad():
@@ -150,16 +153,23 @@ def _close(actual, expected, dtype, what):
     torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("stages", ["native", "composite"])
-def test_two_gloo_processes_equal_one_process_over_the_concatenated_batch(tmp_path, stages):
+@pytest.mark.parametrize("stages, device", [
+    ("native", "cpu"),
+    ("composite", "cpu"),
+    pytest.param("native", GPU, id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        CUDA_UNAVAILABLE is not None and not FAKE_CUDA, reason=NO_CUDA_REASON)]),
+])
+def test_two_gloo_processes_equal_one_process_over_the_concatenated_batch(tmp_path, stages, device):
     """native: the CPU stage kernels; composite: the ATen compositions CUDA runs, here on CPU
-    tensors (the same layer code and collectives as on GPUs, short of NCCL)."""
+    tensors (the same layer code and collectives as on GPUs, short of NCCL); cuda: CUDA
+    tensors over gloo, both processes on one GPU (the stage operators' CUDA kernels are the
+    compositions)."""
     import lpnorm
 
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(rank), "2", str(port),
-                               str(tmp_path / f"rank{rank}.pt"), stages], env=env, stdout=subprocess.PIPE,
+                               str(tmp_path / f"rank{rank}.pt"), stages, device], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
              for rank in range(2)]
     logs = []
@@ -560,5 +570,5 @@ def test_stage_operators_split_channels_last_rows_across_threads(monkeypatch):
     torch.testing.assert_close(one["value"][0, 0], top)
 
 
-if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "--worker":
-    _worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6])
+if __name__ == "__main__" and len(sys.argv) == 8 and sys.argv[1] == "--worker":
+    _worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7])
