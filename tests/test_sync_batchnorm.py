@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import types
 from datetime import timedelta
 
 import pytest
@@ -371,8 +372,8 @@ def _composite_stages_on(device):
             out = getattr(torch.ops.lpnorm, f"batch_norm_{name}")(*moved)
             return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
         return run
-    return type("OnDevice", (), {name: staticmethod(through_operator(name)) for name in
-                                 ("collect", "deviations", "apply", "reduce_grad", "apply_grad")})
+    return types.SimpleNamespace(**{name: through_operator(name) for name in
+                                    ("collect", "deviations", "apply", "reduce_grad", "apply_grad")})
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -19,6 +19,8 @@ The tests run these functions on CPU tensors against the CPU kernels, and SyncLp
 through them over gloo (tests/test_sync_batchnorm.py).
 """
 
+import math
+
 import torch
 
 from ._fake import _EXTREMES_PER_END, _stats_dtype
@@ -28,7 +30,7 @@ _NORMS = ("l2", "l1", "linf", "topk", "range", "p")
 _DENSE_NORMS = ("l2", "l1", "p")
 
 
-def _check(input: torch.Tensor, op: str, norm: str = "l2") -> None:
+def _check(input: torch.Tensor, op: str, norm: str = "l2", grad_output=None) -> None:
     if input.dim() < 2:
         raise ValueError(f"lpnorm.{op}: input must have at least 2 dimensions (N, C, ...), got shape "
                          f"{tuple(input.shape)}")
@@ -36,6 +38,9 @@ def _check(input: torch.Tensor, op: str, norm: str = "l2") -> None:
         raise TypeError(f"lpnorm.{op}: input must be float64, float32, float16 or bfloat16, got {input.dtype}")
     if norm not in _NORMS:
         raise ValueError(f"lpnorm.{op}: norm must be one of {', '.join(repr(n) for n in _NORMS)}; got {norm!r}")
+    if grad_output is not None and grad_output.shape != input.shape:
+        raise ValueError(f"lpnorm.{op}: grad_output has shape {tuple(grad_output.shape)} but input has shape "
+                         f"{tuple(input.shape)}")
 
 
 def _reduced_dims(input: torch.Tensor) -> list:
@@ -70,7 +75,7 @@ def collect(input, norm, k, index_offset):
     index = input.new_full((channels, 2, per_end), _NO_INDEX, dtype=torch.int64)
     count = input.numel() // max(channels, 1)
     take = min(per_end, count)
-    if take == 0 or channels == 0:
+    if take == 0:  # (no channels: no elements either)
         return total, value, index
     # Column n * S + s of channel c: the flat index the CPU lists keep.
     by_channel = input.transpose(0, 1).reshape(channels, -1).to(_stats_dtype(input))
@@ -132,10 +137,7 @@ def apply(input, mean, invstd, weight, bias):
 
 
 def reduce_grad(grad_output, input, mean):
-    _check(input, "batch_norm_reduce_grad")
-    if grad_output.shape != input.shape:
-        raise ValueError(f"lpnorm.batch_norm_reduce_grad: grad_output has shape {tuple(grad_output.shape)} but "
-                         f"input has shape {tuple(input.shape)}")
+    _check(input, "batch_norm_reduce_grad", grad_output=grad_output)
     acc = _stats_dtype(input)
     dims = _reduced_dims(input)
     g = grad_output.to(acc)
@@ -145,10 +147,7 @@ def reduce_grad(grad_output, input, mean):
 
 def apply_grad(grad_output, input, weight, mean, invstd, save_coef, sparse_index, sparse_coef, sum_g, sum_gd, count,
                norm, p, index_offset):
-    _check(input, "batch_norm_apply_grad", norm)
-    if grad_output.shape != input.shape:
-        raise ValueError(f"lpnorm.batch_norm_apply_grad: grad_output has shape {tuple(grad_output.shape)} but "
-                         f"input has shape {tuple(input.shape)}")
+    _check(input, "batch_norm_apply_grad", norm, grad_output)
     acc = _stats_dtype(input)
     f64 = torch.float64
     mean, invstd, sum_g, sum_gd = (t.to(f64).reshape(-1) for t in (mean, invstd, sum_g, sum_gd))
@@ -172,41 +171,29 @@ def apply_grad(grad_output, input, weight, mean, invstd, save_coef, sparse_index
     out.add_(_per_channel(offset, input, acc))
 
     if sparse_index.numel() > 0 and input.numel() > 0:
-        out = _add_sparse_terms(out, grad_output, input, scale_g, offset, dsigma, sparse_index, sparse_coef, norm,
-                                index_offset)
+        _add_sparse_terms(out, grad_output, input, scale_g, offset, dsigma, sparse_index, sparse_coef, norm,
+                          index_offset)
     return out.to(input.dtype)
 
 
 def _add_sparse_terms(out, grad_output, input, scale_g, offset, dsigma, sparse_index, sparse_coef, norm, index_offset):
-    """The elements at this process's saved sparse indices, recomputed whole in float64 with
-    their terms (the norms with sparse terms have no phi term): scale_g g + offset + dsigma
-    sum(coef)."""
+    """Writes into `out` the elements at this process's saved sparse indices, recomputed whole
+    in float64 with their terms (the norms with sparse terms have no phi term): scale_g g +
+    offset + dsigma sum(coef)."""
     channels = input.shape[1]
-    rows = input.shape[0]
-    per_row = input.numel() // max(channels * rows, 1)  # S
+    channel_shape = (input.shape[0], *input.shape[2:])  # a channel's elements: flat index n * S + s
     local = sparse_index - index_offset
     coef = sparse_coef.to(torch.float64)
     if norm == "range":  # the arg-max and arg-min coincide on a constant channel: their terms add
         same = local.unsqueeze(2) == local.unsqueeze(1)
         coef = (coef.unsqueeze(1) * same).sum(dim=2)
-    inside = (local >= 0) & (local < rows * per_row)
+    inside = (local >= 0) & (local < math.prod(channel_shape))
     channel = torch.arange(channels, device=local.device).unsqueeze(1).expand_as(local)[inside]
     local, coef = local[inside], coef[inside]
-    n, s = local // per_row, local % per_row
-    flat = out if _viewable(out, rows, channels) else out.contiguous()
-    flat_out = flat.view(rows, channels, -1)
-    g = grad_output.reshape(rows, channels, -1)[n, channel, s].to(torch.float64)
-    value = scale_g[channel] * g + offset[channel] + dsigma[channel] * coef
-    flat_out[n, channel, s] = value.to(flat_out.dtype)
-    return flat
-
-
-def _viewable(t: torch.Tensor, rows: int, channels: int) -> bool:
-    try:
-        t.view(rows, channels, -1)
-        return True
-    except RuntimeError:
-        return False
+    n, *spatial = torch.unravel_index(local, channel_shape)
+    at = (n, channel, *spatial)  # any strides: out keeps the input's layout
+    g = grad_output[at].to(torch.float64)
+    out[at] = (scale_g[channel] * g + offset[channel] + dsigma[channel] * coef).to(out.dtype)
 
 
 _STAGES = {
