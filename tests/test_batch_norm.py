@@ -507,6 +507,52 @@ def test_pivot_near_the_largest_float_is_not_taken(norm_kwargs, schedule, monkey
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def half_valued_draw():
+    """(1, 255, 8, 14, 14) Gaussian channels (scales 0.5-3, means -1..2) that float16 holds: the
+    draw where a fuzzing run found top-k's picks moved (below)."""
+    torch.manual_seed(229866284)
+    return batch((1, 255, 8, 14, 14), torch.float64).to(torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", ["ncdhw", "ndhwc", "rows"])
+@pytest.mark.parametrize("schedule", ["fused", "split"])
+@devices_param()
+def test_mean_of_half_valued_input_is_float_exact(dtype, layout, schedule, device, monkeypatch):
+    """Inputs on a coarse grid (half dtypes; float32 holding half values) sum x - p in float
+    around a pivot p that is a coarse multiple (core::channel_pivot), so x - p has no bits below
+    the data's. With every bit of the first elements' mean in p, the float sums dropped p's low
+    bits term after term: on this draw means were up to 59 float ulps off (77 for bfloat16),
+    which moved top-k's picks and l1's signs. running_mean with momentum 1 is the batch mean,
+    rounded once to float32; measured in ulps of the mean, which for means near 0 is strict."""
+    monkeypatch.setenv("LPNORM_CPU_SCHEDULE", schedule)
+    x = half_valued_draw().to(dtype)
+    if layout == "ndhwc":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    elif layout == "rows":
+        x = x.reshape(255, 1568).t()  # (1568, 255): channels innermost
+    channels = x.shape[1]
+    exact = x.double().transpose(0, 1).reshape(channels, -1).mean(dim=1)
+    ulp = (torch.nextafter(exact.float().abs(), torch.tensor(math.inf)) - exact.float().abs()).double()
+    for norm in ("l2", "l1", "topk"):
+        running_mean, running_var = torch.zeros(channels, device=device), torch.ones(channels, device=device)
+        lpnorm.functional.batch_norm(x.to(device), running_mean, running_var, training=True, momentum=1.0, norm=norm)
+        assert ((running_mean.cpu().double() - exact).abs() / ulp).max() <= 2, norm
+
+
+def test_topk_picks_of_half_valued_input_follow_the_exact_mean():
+    """A float16-valued channel of 1568 elements whose 64th and 65th largest |x - mean| differ by
+    2.6e-7 (relative), on opposite sides of the mean: a mean 4.4e-7 off (the fine pivot) swapped
+    them, and two elements' gradients were 0.33 off (of at most 10)."""
+    x = half_valued_draw()[:, 78:79]
+    grad_output = torch.randn(x.shape, dtype=torch.float64)
+    expected = reference.forward_backward(x, None, None, None, None, grad_output, training=True, norm="topk", k=64)[1]
+    for dtype in (torch.float16, torch.float32):
+        leaf = x.to(dtype).detach().clone().requires_grad_()
+        lpnorm.functional.batch_norm(leaf, None, None, training=True, norm="topk", k=64).backward(grad_output.to(dtype))
+        assert_close(leaf.grad, expected, what=str(dtype))
+
+
 @pytest.mark.parametrize("row", [0, 7], ids=["first-element", "last-element"])
 @pytest.mark.parametrize("bad", [math.inf, -math.inf], ids=["inf", "-inf"])
 @devices_param()

@@ -90,14 +90,27 @@ LPNORM_HOST_DEVICE inline double channel_mean(const ChannelSums& sums) {
 }
 
 // The pivot p the stats passes sum x - p around, every backend alike: the mean of a channel's
-// first min(m, kPivotElements) flat elements (their sum given, in double), rounded to the
-// accumulation type A the passes subtract it in. 0 (no shift) where that is not finite (every
-// x - p NaN, the mean NaN where torch's is inf) or near A's largest value (x - p of the other
-// sign would overflow: -3e38 then +3e38 in float32 gave an inf mean).
+// first min(m, kPivotElements) flat elements (their sum, least and largest value given, in
+// double), rounded to a multiple of 2^(e - 6), 2^e <= their spread, then to the accumulation
+// type A the passes subtract it in. The coarse multiple leaves x - p no bits below the data's
+// own where x lies on a coarse grid (half inputs, float32 holding half values): with every bit
+// of the mean in p, the float sums of x - p rounded the same low bits of p away term after
+// term (float16-valued channels of 1568 elements: means up to 10 float ulps of sigma off,
+// where random rounding leaves a fraction of one, and top-k picks and l1's signs moved). 0
+// (no shift) where that is not finite (every x - p NaN, the mean NaN where torch's is inf)
+// or near A's largest value (x - p of the other sign would overflow: -3e38 then +3e38 in
+// float32 gave an inf mean).
 constexpr int64_t kPivotElements = 8;
 template <typename A>
-LPNORM_HOST_DEVICE inline double channel_pivot(double sum_of_first, int64_t first) {
-  const double p = static_cast<double>(static_cast<A>(sum_of_first / static_cast<double>(first)));
+LPNORM_HOST_DEVICE inline double channel_pivot(double sum_of_first, int64_t first, double lowest, double highest) {
+  double p = sum_of_first / static_cast<double>(first);
+  const double spread = highest - lowest;  // 0 where they are equal (a constant channel keeps its exact p)
+  if (spread > 0 && spread <= std::numeric_limits<double>::max()) {
+    const double grid = std::ldexp(1.0, std::ilogb(spread) - 6);
+    const double steps = std::nearbyint(p / grid);
+    if (grid > 0 && std::abs(steps) <= std::numeric_limits<double>::max()) p = steps * grid;
+  }
+  p = static_cast<double>(static_cast<A>(p));
   return std::abs(p) <= static_cast<double>(std::numeric_limits<A>::max()) / 4 ? p : 0.0;  // NaN too
 }
 

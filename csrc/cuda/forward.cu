@@ -137,11 +137,14 @@ __global__ void channel_pivots_kernel(const T* __restrict__ x, core::ChannelLayo
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= layout.C) return;
   const int64_t first = layout.count() < core::kPivotElements ? layout.count() : core::kPivotElements;
-  double sum = 0;
+  double sum = 0, lowest = 0, highest = 0;
   for (int64_t f = 0; f < first; ++f) {
-    sum += static_cast<double>(Num<T>::load(x[layout.offset(f / layout.S, c, f % layout.S)]));
+    const double v = static_cast<double>(Num<T>::load(x[layout.offset(f / layout.S, c, f % layout.S)]));
+    sum += v;
+    lowest = f == 0 || v < lowest ? v : lowest;
+    highest = f == 0 || v > highest ? v : highest;
   }
-  pivot[c] = first > 0 ? core::channel_pivot<A>(sum, first) : 0.0;
+  pivot[c] = first > 0 ? core::channel_pivot<A>(sum, first, lowest, highest) : 0.0;
 }
 
 // The channel's total from its partial sums of x - p.
