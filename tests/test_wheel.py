@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 # Not re-run from the wheel: this file (recursion), the C++ builds (minutes; they already run
 # against the installed package) and the README's usage (a file of the source tree).
-NOT_RERUN = {"test_wheel.py", "test_deploy_cpp.py", "test_readme.py"}
+NOT_RERUN = {"test_wheel.py", "test_deploy_cpp.py", "test_readme.py", "test_fuzz_tool.py"}
 TORCH_RELEASE = "".join(torch.__version__.split("+")[0].split(".")[:2])
 LOCAL_TAG = f"pt{TORCH_RELEASE}" + (f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
 

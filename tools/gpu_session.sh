@@ -19,6 +19,7 @@
 #   memcheck   compute-sanitizer --tool memcheck on tools/cuda_smoke.py (torch's caching
 #              allocator off, so overruns between tensors are seen)
 #   initcheck, racecheck, synccheck   compute-sanitizer's other tools on the quick smoke run
+#   fuzz       tools/fuzz_reference.py --device cuda: 40 s of random cases against the reference
 #   nvidia-smi the GPU's state at the end
 # $OUT/summary.md lists each step's status, time and last line; it is also printed.
 # --quick: a short benchmark and the quick smoke run everywhere (about half the time).
@@ -34,7 +35,7 @@ rm -f "$OUT"/.done-*
 BUDGET=540
 SKIP_BUILD=0
 QUICK=0
-STEPS=",smoke,tests,bench,memcheck,initcheck,racecheck,synccheck,nvidia-smi,"
+STEPS=",smoke,tests,bench,memcheck,initcheck,racecheck,synccheck,fuzz,nvidia-smi,"
 while [ $# -gt 0 ]; do
   case "$1" in
     --skip-build) SKIP_BUILD=1 ;;
@@ -131,6 +132,7 @@ if [ -n "$SANITIZER" ]; then
   step racecheck 60 "$SANITIZER --tool racecheck --error-exitcode 86 --print-limit 30 $PYTHON tools/cuda_smoke.py --quick"
   step synccheck 45 "$SANITIZER --tool synccheck --error-exitcode 86 --print-limit 30 $PYTHON tools/cuda_smoke.py --quick"
 fi
+step fuzz 60 "$PYTHON tools/fuzz_reference.py --device cuda --seconds 40 --max-elements 200000"
 step nvidia-smi 20 "nvidia-smi -q -d MEMORY,UTILIZATION,CLOCK,PERFORMANCE | head -n 80"
 
 echo >> "$SUMMARY"
