@@ -106,9 +106,17 @@ LPNORM_HOST_DEVICE inline double channel_pivot(double sum_of_first, int64_t firs
   double p = sum_of_first / static_cast<double>(first);
   const double spread = highest - lowest;  // 0 where they are equal (a constant channel keeps its exact p)
   if (spread > 0 && spread <= std::numeric_limits<double>::max()) {
-    const double grid = std::ldexp(1.0, std::ilogb(spread) - 6);
-    const double steps = std::nearbyint(p / grid);
-    if (grid > 0 && std::abs(steps) <= std::numeric_limits<double>::max()) p = steps * grid;
+    // 2^e from spread's exponent bits (0 where it is subnormal), and p / grid rounded to an
+    // integer by adding and subtracting 1.5 * 2^52: no libm call per channel (ilogb, ldexp and
+    // nearbyint made (256, 1024)'s pivots a few us of a 70 us forward).
+    uint64_t bits;
+    __builtin_memcpy(&bits, &spread, sizeof bits);
+    bits &= 0x7FF0000000000000ull;
+    double unit;
+    __builtin_memcpy(&unit, &bits, sizeof unit);
+    const double grid = unit / 64, steps = p / grid;
+    constexpr double kRounder = 6755399441055744.0, kExact = 2251799813685248.0;  // 1.5 * 2^52, 2^51
+    if (grid > 0 && std::abs(steps) < kExact) p = ((steps + kRounder) - kRounder) * grid;
   }
   p = static_cast<double>(static_cast<A>(p));
   return std::abs(p) <= static_cast<double>(std::numeric_limits<A>::max()) / 4 ? p : 0.0;  // NaN too

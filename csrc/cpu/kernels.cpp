@@ -79,23 +79,24 @@ void collect_stats(const StatsArgs& a, const Tile* tiles, int64_t count) {
       const T* x = static_cast<const T*>(a.x);
       // Element by element outer, channel inner: a channels-last row is one contiguous read.
       const int64_t first = std::min<int64_t>(l.count(), core::kPivotElements);
-      const int64_t channels = t.c_end - t.c_begin;
-      const ThreadArray<struct PivotRanges, double> range(2 * channels);  // [least, largest] per channel
-      double* const lowest = range.data() - t.c_begin;
-      double* const highest = lowest + channels;
-      for (int64_t f = 0; f < first; ++f) {
-        const T* row = x + l.offset(f / l.S, 0, f % l.S);
-        for (int64_t c = t.c_begin; c < t.c_end; ++c) {
-          const double v = static_cast<double>(core::Element<T>::load(row[c * l.stride_c]));
-          a.pivot[c] = f == 0 ? v : a.pivot[c] + v;
-          lowest[c] = f == 0 || v < lowest[c] ? v : lowest[c];
-          highest[c] = f == 0 || v > highest[c] ? v : highest[c];
+      const int64_t channels = t.c_end - t.c_begin, stride = l.stride_c;
+      const ThreadArray<struct PivotRanges, double> range(2 * channels);  // least and largest per channel
+      double* __restrict const sum = a.pivot + t.c_begin;
+      double* __restrict const lowest = range.data();
+      double* __restrict const highest = lowest + channels;
+      const T* row = x + t.c_begin * stride;  // (first >= 1: the tile has rows)
+      for (int64_t c = 0; c < channels; ++c) sum[c] = lowest[c] = highest[c] = core::Element<T>::load(row[c * stride]);
+      for (int64_t f = 1; f < first; ++f) {
+        row = x + l.offset(f / l.S, t.c_begin, f % l.S);
+        for (int64_t c = 0; c < channels; ++c) {
+          const double v = core::Element<T>::load(row[c * stride]);
+          sum[c] += v;
+          lowest[c] = v < lowest[c] ? v : lowest[c];
+          highest[c] = v > highest[c] ? v : highest[c];
         }
       }
-      // The pivots (first >= 1: the tile has rows), then their copies for the other parts.
-      for (int64_t c = t.c_begin; c < t.c_end; ++c) {
-        a.pivot[c] = core::channel_pivot<AccOf<T>>(a.pivot[c], first, lowest[c], highest[c]);
-      }
+      // The pivots, then their copies for the other parts.
+      for (int64_t c = 0; c < channels; ++c) sum[c] = core::channel_pivot<AccOf<T>>(sum[c], first, lowest[c], highest[c]);
       for (int64_t j = 1; j < count; ++j) {
         std::copy(a.pivot + t.c_begin, a.pivot + t.c_end, a.pivot + j * C + t.c_begin);
       }
