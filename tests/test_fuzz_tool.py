@@ -22,11 +22,12 @@ def load_tool():
     return fuzz_reference
 
 
-def test_small_cases_pass():
-    result = subprocess.run([sys.executable, TOOL, "--cases", "12", "--seed", "1", "--max-elements", "20000"],
-                            capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("path", ["fused", "stages"])
+def test_small_cases_pass(path):
+    result = subprocess.run([sys.executable, TOOL, "--cases", "12", "--seed", "1", "--max-elements", "20000",
+                             "--path", path], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "12 cases, 0 failed (cpu)" in result.stdout
+    assert f"12 cases, 0 failed (cpu, {path})" in result.stdout
 
 
 def test_a_wrong_output_fails(monkeypatch):

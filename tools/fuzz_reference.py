@@ -11,6 +11,12 @@ replays it alone.
     LPNORM_CPU_ISA=avx2 LPNORM_CPU_SCHEDULE=split python tools/fuzz_reference.py --seconds 60
     python tools/fuzz_reference.py --device cuda --seconds 120   # the GPU against the reference
     python tools/fuzz_reference.py --case 229866284              # one case again
+    python tools/fuzz_reference.py --path stages --seconds 60    # SyncLpBatchNorm's stage operators
+
+`--path stages` runs each training step through SyncLpBatchNorm's autograd function (the stage
+operators batch_norm_collect ... batch_norm_apply_grad) in a gloo process group of one, which
+is what each process of a synchronized batch norm runs; no chunks there (SyncLpBatchNorm has
+none).
 
 Cases the check cannot judge are not drawn: fewer than 4 values per channel, or 3 per chunk
 (the gradient is then a cancellation near 0, and the check's tolerance is relative to it), and
@@ -40,7 +46,7 @@ SIDES = [1, 2, 3, 5, 7, 8, 14, 16, 17]
 MAX_ELEMENTS = 600_000
 
 
-def draw(seed, max_elements=MAX_ELEMENTS):
+def draw(seed, max_elements=MAX_ELEMENTS, chunks=True):
     """The case of `seed`, or None where the check cannot judge it (or it is too big)."""
     r = random.Random(seed)
     rank = r.choice([2, 2, 3, 4, 4, 5])
@@ -60,7 +66,7 @@ def draw(seed, max_elements=MAX_ELEMENTS):
     if norm == "p":
         kwargs["p"] = r.choice([1.5, 2.5, 3.0, 4.0])
     extreme = norm in ("linf", "topk", "range")
-    if extreme and r.random() < 0.35:
+    if extreme and r.random() < 0.35 and chunks:
         divisors = [g for g in (2, 3, 4, 8) if shape[0] % g == 0]
         if divisors:
             kwargs["chunks"] = r.choice(divisors)
@@ -119,6 +125,32 @@ def run(case, device):
     return None
 
 
+def use_stage_operators():
+    """lpnorm.functional.batch_norm's training steps through SyncLpBatchNorm's stage operators,
+    in a gloo process group of one (evaluation stays the fused operator, as in SyncLpBatchNorm)."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    import lpnorm
+    from lpnorm.nn import sync_batchnorm
+
+    store = tempfile.NamedTemporaryFile(prefix="lpnorm-fuzz-", delete=False)
+    dist.init_process_group("gloo", init_method=f"file://{store.name}", rank=0, world_size=1)
+    fused = lpnorm.functional.batch_norm
+
+    def staged(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
+               norm="l1", k=10, p=2.0, chunks=1, constant="exact"):
+        if not training:
+            return fused(input, running_mean, running_var, weight, bias, training, momentum, eps, norm, k, p, chunks,
+                         constant)
+        assert chunks == 1, "SyncLpBatchNorm has no chunks"
+        return sync_batchnorm._SyncLpBatchNormFunction.apply(input, weight, bias, running_mean, running_var, eps,
+                                                             momentum, dist.group.WORLD, 1, norm, k, p, constant)
+
+    lpnorm.functional.batch_norm = staged
+
+
 def describe(case):
     return (f"shape={case['shape']} {case['kwargs']} {case['dtype']} {case['layout']} {case['data']} "
             f"affine={case['affine']} track={case['track']}")
@@ -133,7 +165,11 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch's threads (0: its default)")
     parser.add_argument("--max-elements", type=int, default=MAX_ELEMENTS, help="the largest input drawn")
+    parser.add_argument("--path", choices=["fused", "stages"], default="fused",
+                        help="the fused operator, or SyncLpBatchNorm's stage operators")
     args = parser.parse_args()
+    if args.path == "stages":
+        use_stage_operators()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     seeds = random.Random(args.seed)
@@ -145,21 +181,21 @@ def main():
             if time.time() - start > args.seconds or (args.cases and ran >= args.cases):
                 break
             seed = seeds.randrange(1 << 30)
-        case = draw(seed, args.max_elements)
+        case = draw(seed, args.max_elements, chunks=args.path == "fused")
         if case is not None:
             error = run(case, args.device)
             ran += 1
             if error is not None:
                 failed += 1
                 print(f"FAIL {describe(case)}\n  {error}\n  replay: python tools/fuzz_reference.py --case {seed}"
-                      f" --device {args.device} --max-elements {args.max_elements}", flush=True)
+                      f" --device {args.device} --max-elements {args.max_elements} --path {args.path}", flush=True)
         if args.case is not None:
             if case is None:
                 print(f"case {seed} is not drawn (see the docstring)")
             break
     settings = ", ".join(f"{name}={os.environ[name]}" for name in ("LPNORM_CPU_ISA", "LPNORM_CPU_SCHEDULE")
                          if name in os.environ)
-    print(f"{ran} cases, {failed} failed ({args.device}{', ' + settings if settings else ''})")
+    print(f"{ran} cases, {failed} failed ({args.device}, {args.path}{', ' + settings if settings else ''})")
     sys.exit(1 if failed else 0)
 
 

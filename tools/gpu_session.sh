@@ -19,7 +19,8 @@
 #   memcheck   compute-sanitizer --tool memcheck on tools/cuda_smoke.py (torch's caching
 #              allocator off, so overruns between tensors are seen)
 #   initcheck, racecheck, synccheck   compute-sanitizer's other tools on the quick smoke run
-#   fuzz       tools/fuzz_reference.py --device cuda: 40 s of random cases against the reference
+#   fuzz       tools/fuzz_reference.py --device cuda: random cases against the reference, 30 s
+#              through the fused operator, 20 s through SyncLpBatchNorm's (composite) stages
 #   nvidia-smi the GPU's state at the end
 # $OUT/summary.md lists each step's status, time and last line; it is also printed.
 # --quick: a short benchmark and the quick smoke run everywhere (about half the time).
@@ -132,7 +133,8 @@ if [ -n "$SANITIZER" ]; then
   step racecheck 60 "$SANITIZER --tool racecheck --error-exitcode 86 --print-limit 30 $PYTHON tools/cuda_smoke.py --quick"
   step synccheck 45 "$SANITIZER --tool synccheck --error-exitcode 86 --print-limit 30 $PYTHON tools/cuda_smoke.py --quick"
 fi
-step fuzz 60 "$PYTHON tools/fuzz_reference.py --device cuda --seconds 40 --max-elements 200000"
+FUZZ="$PYTHON tools/fuzz_reference.py --device cuda --max-elements 200000"
+step fuzz 70 "$FUZZ --seconds 30; fused=\$?; $FUZZ --path stages --seconds 20; exit \$((fused | \$?))"
 step nvidia-smi 20 "nvidia-smi -q -d MEMORY,UTILIZATION,CLOCK,PERFORMANCE | head -n 80"
 
 echo >> "$SUMMARY"
