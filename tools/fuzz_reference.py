@@ -24,7 +24,9 @@ channels whose values are all equal (the reference's sqrt(0) gives NaN gradients
 only in float64 (float32 with an offset of 1000 loses digits in torch's batch norm as much).
 What may still show, rarely: an element of l1 (or p = 1) within the float mean's rounding of
 the mean gets another sign(d) than float64 gives it (docs/DESIGN.md, "Where the kink of
-sign(d) lies").
+sign(d) lies"); and with one channel, a float32 weight gradient whose sum of g * y cancels to
+1e-3 of its terms is judged against that small value (torch's own float32 batch norm is off
+by as much there).
 """
 import argparse
 import os
