@@ -6,7 +6,7 @@ by name before loading any binary.
 
 LPNORM_TEST_BUILD_DIR picks the CMake build folder (default: pyproject's build/{wheel_tag}, the
 one `pip install .` used, so the wheel build is incremental). LPNORM_WHEEL_TESTS narrows the
-re-run to the named test files ("test_module.py test_export.py"; default: all but the three below)."""
+re-run to the named test files ("test_module.py test_export.py"; default: all but the four below)."""
 import json
 import os
 import re
@@ -25,7 +25,8 @@ from lpnorm import _library
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 # Not re-run from the wheel: this file (recursion), the C++ builds (minutes; they already run
-# against the installed package) and the README's usage (a file of the source tree).
+# against the installed package), and the README's usage and tools/fuzz_reference.py (files of
+# the source tree).
 NOT_RERUN = {"test_wheel.py", "test_deploy_cpp.py", "test_readme.py", "test_fuzz_tool.py"}
 TORCH_RELEASE = "".join(torch.__version__.split("+")[0].split(".")[:2])
 LOCAL_TAG = f"pt{TORCH_RELEASE}" + (f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")

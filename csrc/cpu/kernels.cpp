@@ -84,7 +84,7 @@ void collect_stats(const StatsArgs& a, const Tile* tiles, int64_t count) {
       double* __restrict const sum = a.pivot + t.c_begin;
       double* __restrict const lowest = range.data();
       double* __restrict const highest = lowest + channels;
-      const T* row = x + t.c_begin * stride;  // (first >= 1: the tile has rows)
+      const T* row = x + l.offset(0, t.c_begin, 0);  // (first >= 1: the tile has rows)
       for (int64_t c = 0; c < channels; ++c) sum[c] = lowest[c] = highest[c] = core::Element<T>::load(row[c * stride]);
       for (int64_t f = 1; f < first; ++f) {
         row = x + l.offset(f / l.S, t.c_begin, f % l.S);

@@ -53,6 +53,11 @@ def _per_channel(values: torch.Tensor, input: torch.Tensor, dtype: torch.dtype) 
     return values.reshape(1, -1, *([1] * (input.dim() - 2))).to(dtype)
 
 
+def _centered(input: torch.Tensor, mean: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """d = x - mean in the accumulation type, as the CPU passes compute it."""
+    return input.to(acc) - _per_channel(mean, input, acc)
+
+
 def _terms(d: torch.Tensor, norm: str, p: float):
     """|d|^q and phi(d) of a dense norm (csrc/cpu/isa/vectors.h, deviation_terms)."""
     if norm == "l2":
@@ -114,7 +119,7 @@ def deviations(input, mean, norm, p):
     # The general p norm in float64: |d|^p leaves float's range early (the CPU kernels redo
     # those channels in double).
     acc = torch.float64 if norm == "p" else _stats_dtype(input)
-    d = input.to(acc) - _per_channel(mean, input, acc)
+    d = _centered(input, mean, acc)
     magnitude_q, phi = _terms(d, norm, p)
     return magnitude_q.sum(dim=dims, dtype=torch.float64), phi.sum(dim=dims, dtype=torch.float64)
 
@@ -132,7 +137,7 @@ def apply(input, mean, invstd, weight, bias):
     acc = _stats_dtype(input)
     scale = invstd.to(torch.float64) * (weight.to(torch.float64) if weight is not None else 1.0)
     shift = bias if bias is not None else torch.zeros_like(scale)
-    y = (input.to(acc) - _per_channel(mean, input, acc)) * _per_channel(scale, input, acc)
+    y = _centered(input, mean, acc) * _per_channel(scale, input, acc)
     return (y + _per_channel(shift, input, acc)).to(input.dtype)
 
 
@@ -141,7 +146,7 @@ def reduce_grad(grad_output, input, mean):
     acc = _stats_dtype(input)
     dims = _reduced_dims(input)
     g = grad_output.to(acc)
-    d = input.to(acc) - _per_channel(mean, input, acc)
+    d = _centered(input, mean, acc)
     return g.sum(dim=dims, dtype=torch.float64), (g * d).sum(dim=dims, dtype=torch.float64)
 
 
@@ -166,7 +171,7 @@ def apply_grad(grad_output, input, weight, mean, invstd, save_coef, sparse_index
     out = torch.empty_like(input, dtype=acc)  # in the input's layout, as the CPU kernels (not grad's)
     torch.mul(grad_output.to(acc), _per_channel(scale_g, input, acc), out=out)
     if norm in _DENSE_NORMS:
-        _, phi = _terms(input.to(acc) - _per_channel(mean, input, acc), norm, p)
+        _, phi = _terms(_centered(input, mean, acc), norm, p)
         out.add_(phi * _per_channel(scale_phi, input, acc))
     out.add_(_per_channel(offset, input, acc))
 
